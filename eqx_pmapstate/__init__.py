@@ -1,0 +1,15 @@
+"""eqx_pmapstate: create and train Equinox models whose states are laid out over devices."""
+
+from . import filters as filters
+from ._describe import describe as describe
+from ._describe import states_by_axis as states_by_axis
+from ._new_states import pmap2_new_states as pmap2_new_states
+from ._new_states import vmap2_new_states as vmap2_new_states
+from ._state import LongTermState as LongTermState
+from ._state import NonBatchState as NonBatchState
+from ._state import ParamState as ParamState
+from ._state import ShortTermState as ShortTermState
+from ._state import State as State
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""`state_out_axes`: from filters to one axis per state."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._filters import Everything, Filter, to_predicate
+from ._state import NonBatchState
+from ._tree import keystr
+
+
+def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
+    """`state_out_axes` as a tuple of `(axis, filter)` pairs, in the order given.
+
+    `None` means no filter (every state goes to axis 0, a `NonBatchState` to None); a
+    single filter means `{0: filter}`; a dict maps `int | None` to filters.
+    """
+    if state_out_axes is None:
+        return ()
+    if not isinstance(state_out_axes, dict):
+        state_out_axes = {0: state_out_axes}
+    out = []
+    for axis, filt in state_out_axes.items():
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+            raise TypeError(
+                f"The keys of `state_out_axes` must be ints (an axis) or None (replicated), "
+                f"but got the key {axis!r} of type {type(axis).__name__}."
+            )
+        out.append((None if axis is None else int(axis), to_predicate(filt)))
+    return tuple(out)
+
+
+def assign_axis(spec, path, state, ancestors) -> int | None:
+    """The axis (as written by the user, maybe negative) of one state."""
+    if isinstance(state, NonBatchState):
+        return None
+    hits = [axis for axis, f in spec if not isinstance(f, Everything) and f(path, state, ancestors)]
+    if not hits:
+        hits = [axis for axis, f in spec if isinstance(f, Everything)]
+    axes = list(dict.fromkeys(hits))
+    if len(axes) > 1:
+        shown = ", ".join("None" if a is None else str(a) for a in axes)
+        raise ValueError(
+            f"The state at {keystr(path)} ({type(state).__name__}) is matched by the filters of "
+            f"several axes in `state_out_axes`: {shown}. Each state must go to one axis; make "
+            "the filters exclusive (for example with `filters.Not`), or use `...` for a "
+            "catch-all, which only counts for states no other filter matched."
+        )
+    return axes[0] if axes else 0
+
+
+def normalize_axis(axis: int | None, ndim: int, path) -> int | None:
+    """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says."""
+    if axis is None:
+        return None
+    pos = axis if axis >= 0 else axis + ndim + 1
+    if not 0 <= pos <= ndim:
+        raise ValueError(
+            f"Axis {axis} is out of range for the state at {keystr(path)}, which has "
+            f"{ndim} dimension(s): the new axis can go at positions {-(ndim + 1)} to {ndim}."
+        )
+    return pos

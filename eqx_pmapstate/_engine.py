@@ -1,0 +1,315 @@
+"""The engine shared by `pmap2_new_states`, `vmap2_new_states`, `pmap2` and `Map`.
+
+A per-device function is run over one named axis: a mesh axis through
+`jax.jit(jax.shard_map(...))`, or a batch axis through `jax.jit(jax.vmap(...))`. Where each
+output goes (which axis, or replicated, or handed back as the very input it is) is only
+known once the function has been traced, so the engine works in two steps, both cached
+per call signature:
+
+1. an abstract trace (`jax.eval_shape`, nothing compiled or run) with `check_vma=True`,
+   which tells for each output whether it varies over the axis, and in which a `decide`
+   callback, given every output leaf with its path, picks its layout;
+2. the real program, `shard_map` with `check_vma=False` (`jax.pmap`'s semantics: a
+   replicated input acts as an identical copy on each device), whose `out_specs` are the
+   decisions of step 1. Outputs that must be replicated but that the trace could not prove
+   identical get a run-time check: one checksum per leaf, compared with a single
+   `pmax`/`pmin` pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ._mesh import axis_spec
+from ._tree import is_arraylike, keystr
+
+
+class LeafInfo(NamedTuple):
+    """What `decide` learns about one output leaf during the abstract trace."""
+
+    path: tuple
+    leaf: Any  # a tracer (per-device view), or a non-array Python object
+    input_index: int | None  # the input this leaf is the very same object as, if any
+    varying: bool | None  # varies over the axis (None: not known, the vmap backend)
+
+
+class Pass(NamedTuple):
+    """A decision: hand back input number `index` unchanged."""
+
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    treedef: Any
+    kinds: tuple  # per flat output leaf: ("array", axis) | ("pass", j) | ("static", obj)
+    array_paths: tuple  # paths of the "array" leaves, in order
+    checked: tuple  # indices into the "array" leaves that need the run-time check
+
+
+class Decided(NamedTuple):
+    """`decide`'s answer: one entry per output leaf, and which replicated leaves to check."""
+
+    decisions: Sequence  # int | None | Pass, per leaf; ignored for non-array leaves
+    check: frozenset = frozenset()  # flat indices of replicated leaves to check at run time
+
+
+_cache: dict = {}
+_lock = threading.Lock()
+
+
+def _abstract(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=getattr(x, "weak_type", False))
+
+
+def aval_key(x):
+    return (np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False))
+
+
+def _words(x):
+    """The bits of `x` as a flat uint32 vector."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag])
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[size])
+    if size == 8:
+        bits = jax.lax.bitcast_convert_type(bits, jnp.uint32)
+    return bits.astype(jnp.uint32).ravel()
+
+
+def checksum(x) -> jax.Array:
+    """A uint32 checksum of the bits of `x` in which any one changed word shows."""
+    w = _words(jnp.asarray(x))
+    weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.sum(w * weights, dtype=jnp.uint32)
+
+
+def _plan_from(treedef, infos, decided: Decided) -> Plan:
+    kinds, paths, checked = [], [], []
+    for i, (info, d) in enumerate(zip(infos, decided.decisions)):
+        if isinstance(d, Pass):
+            kinds.append(("pass", d.index))
+        elif is_arraylike(info.leaf):
+            if i in decided.check:
+                checked.append(len(paths))
+            kinds.append(("array", d))
+            paths.append(info.path)
+        else:
+            kinds.append(("static", info.leaf))
+    return Plan(treedef, tuple(kinds), tuple(paths), tuple(checked))
+
+
+def _infos(out, local, varying_of) -> tuple[Any, list[LeafInfo]]:
+    flat, treedef = jtu.tree_flatten_with_path(out)
+    ids = {id(t): j for j, t in enumerate(local)}
+    infos = []
+    for path, leaf in flat:
+        j = ids.get(id(leaf))
+        if j is not None and local[j] is not leaf:
+            j = None
+        varying = varying_of(leaf) if is_arraylike(leaf) else None
+        infos.append(LeafInfo(path, leaf, j, varying))
+    return treedef, infos
+
+
+class Compiled:
+    """One compiled program for one call signature."""
+
+    def __init__(self, plan: Plan, run: Callable, in_shardings: tuple | None):
+        self.plan = plan
+        self._run = run
+        self.in_shardings = in_shardings
+
+    def __call__(self, dyn: Sequence) -> tuple[Any, jax.Array | None]:
+        """Runs the program; returns the output tree, and the vector of run-time check
+        flags (True where a replicated leaf differs between devices), or None."""
+        if self.in_shardings is not None:
+            dyn = [
+                x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+                for x, s in zip(dyn, self.in_shardings)
+            ]
+        outs = self._run(*dyn)
+        flags = None
+        if self.plan.checked:
+            *outs, flags = outs
+        return self.assemble(dyn, outs), flags
+
+    def assemble(self, dyn, outs):
+        it = iter(outs)
+        leaves = []
+        for kind, value in self.plan.kinds:
+            if kind == "array":
+                leaves.append(next(it))
+            elif kind == "pass":
+                leaves.append(dyn[value])
+            else:
+                leaves.append(value)
+        return self.plan.treedef.unflatten(leaves)
+
+    def mismatched(self, flags) -> list[str]:
+        """The paths of the checked leaves whose flag is set (waits for the flags)."""
+        bad = np.asarray(flags)
+        return [keystr(self.plan.array_paths[i]) for i, b in zip(self.plan.checked, bad) if b]
+
+
+def _squeeze_mapped(xs, in_axes):
+    return [x if a is None else jnp.squeeze(x, a) for x, a in zip(xs, in_axes)]
+
+
+def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs, donate):
+    in_specs = tuple(axis_spec(axis_name, a) for a in in_axes)
+    holder = {}
+
+    def varying_of(leaf):
+        return axis_name in jax.typeof(leaf).manual_axis_type.varying
+
+    def body_trace(*xs):
+        local = _squeeze_mapped(xs, in_axes)
+        if pvary_inputs:
+            local = [
+                x if varying_of(x) else jax.lax.pcast(x, axis_name, to="varying") for x in local
+            ]
+        out = fn(local)
+        treedef, infos = _infos(out, local, varying_of)
+        decided = decide(out, infos)
+        plan = _plan_from(treedef, infos, decided)
+        holder["plan"] = plan
+        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
+        return [a[None] for a in arrays]
+
+    abstract = [_abstract(x) for x in dyn]
+    jax.eval_shape(
+        jax.shard_map(body_trace, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=True),
+        *abstract,
+    )
+    plan: Plan = holder["plan"]
+    array_axes = [v for k, v in plan.kinds if k == "array"]
+    out_specs = [axis_spec(axis_name, a) for a in array_axes]
+    if plan.checked:
+        out_specs.append(P())
+
+    def body_run(*xs):
+        local = _squeeze_mapped(xs, in_axes)
+        out = fn(local)
+        leaves = jtu.tree_leaves(out)
+        if len(leaves) != len(plan.kinds):
+            raise RuntimeError(
+                "The mapped function returned a different structure when traced a second time; "
+                "it must be a pure function of its inputs."
+            )
+        arrays = [jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"]
+        res = [x if a is None else jnp.expand_dims(x, a) for x, a in zip(arrays, array_axes)]
+        if plan.checked:
+            sums = jnp.stack([checksum(arrays[i]) for i in plan.checked])
+            res.append(jax.lax.pmax(sums, axis_name) != jax.lax.pmin(sums, axis_name))
+        return res
+
+    mapped = jax.shard_map(body_run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
+    run = jax.jit(mapped, donate_argnums=tuple(donate))
+    return Compiled(plan, run, in_shardings)
+
+
+def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
+    holder = {}
+
+    def body_trace(*xs):
+        local = list(xs)
+        out = fn(local)
+        treedef, infos = _infos(out, local, lambda leaf: None)
+        decided = decide(out, infos)
+        plan = _plan_from(treedef, infos, decided)
+        holder["plan"] = plan
+        return [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
+
+    abstract = [_abstract(x) for x in dyn]
+    vm = dict(axis_name=axis_name, axis_size=axis_size)
+    jax.eval_shape(jax.vmap(body_trace, in_axes=tuple(in_axes), out_axes=0, **vm), *abstract)
+    plan: Plan = holder["plan"]
+    array_axes = [v for k, v in plan.kinds if k == "array"]
+
+    def body_run(*xs):
+        leaves = jtu.tree_leaves(fn(list(xs)))
+        return [jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"]
+
+    try:
+        jax.eval_shape(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), *abstract)
+    except ValueError:
+        # Find the replicated leaf that is batched, to name it.
+        for i, a in enumerate(array_axes):
+            if a is not None:
+                continue
+
+            def one(*xs, i=i):
+                return body_run(*xs)[i]
+
+            try:
+                jax.eval_shape(jax.vmap(one, in_axes=tuple(in_axes), out_axes=None, **vm), *abstract)
+            except ValueError:
+                raise ValueError(
+                    f"The state at {keystr(plan.array_paths[i])} is to be replicated (axis None), "
+                    "but its value differs between the members of the batch axis. Create it "
+                    "from unmapped inputs only, or give it a batch axis in `state_out_axes`."
+                ) from None
+        raise
+    run = jax.jit(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), donate_argnums=tuple(donate))
+    return Compiled(plan, run, None)
+
+
+def compiled(
+    key,
+    fn: Callable[[list], Any],
+    dyn: Sequence,
+    in_axes: Sequence[int | None],
+    decide: Callable[[Any, list[LeafInfo]], Decided],
+    *,
+    mesh: Mesh | None = None,
+    axis_name=None,
+    axis_size: int | None = None,
+    pvary_inputs: bool = False,
+    donate: Sequence[int] = (),
+) -> Compiled:
+    """The compiled program for `fn` over these inputs, from the cache when it is there.
+
+    **Arguments:**
+
+    - `key`: everything about `fn` and `decide` that is not in the inputs (hashable).
+    - `fn`: takes the list of per-device inputs (mapped axes removed), returns a pytree.
+    - `dyn`: the global input arrays.
+    - `in_axes`: per input, the position of its mapped axis, or None for replicated.
+    - `decide`: picks each output leaf's layout from the abstract trace.
+    - `mesh`: run over this mesh's axis `axis_name` (shard_map); else `axis_size`
+        members of a vmapped batch axis.
+    """
+    sig = (key, mesh, axis_name, axis_size, tuple(in_axes), tuple(aval_key(x) for x in dyn), pvary_inputs, tuple(donate))
+    entry = _cache.get(sig)
+    if entry is None:
+        if mesh is not None:
+            entry = _build_sharded(fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate)
+        else:
+            entry = _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate)
+        with _lock:
+            _cache[sig] = entry
+    return entry
+
+
+def clear_cache() -> None:
+    """Forgets every compiled program."""
+    with _lock:
+        _cache.clear()

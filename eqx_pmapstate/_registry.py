@@ -1,0 +1,43 @@
+"""Which batch axis each array made by this library carries.
+
+A sharded array's device axis can be read off its `NamedSharding`; a stacked ensemble
+made by `vmap2_new_states` lives on one device, so its axis is remembered here, by
+weak reference, for `describe` and `states_by_axis`.
+"""
+
+import threading
+import weakref
+
+import jax
+
+_lock = threading.Lock()
+_axes: dict[int, tuple] = {}  # id(array) -> (weakref, axis, axis_name)
+
+
+def _forget(key):
+    with _lock:
+        _axes.pop(key, None)
+
+
+def register(compiled, out, axis_name) -> None:
+    arrays = iter(jax.tree_util.tree_leaves(out))
+    for kind, value in compiled.plan.kinds:
+        leaf = next(arrays)
+        if kind != "array" or not isinstance(leaf, jax.Array):
+            continue
+        key = id(leaf)
+        try:
+            ref = weakref.ref(leaf, lambda _, key=key: _forget(key))
+        except TypeError:
+            continue
+        with _lock:
+            _axes[key] = (ref, value, axis_name)
+
+
+def lookup(x):
+    """`(axis, axis_name)` for an array this library made, else None."""
+    with _lock:
+        entry = _axes.get(id(x))
+    if entry is None or entry[0]() is not x:
+        return None
+    return entry[1], entry[2]

@@ -1,0 +1,47 @@
+"""State markers: small immutable wrappers that name what kind of state a value is."""
+
+from typing import Any
+
+import equinox as eqx
+
+
+class State(eqx.Module):
+    """A state of a module: a pytree of arrays that is laid out over a mapped axis as one unit.
+
+    Markers exist so that code written in brainstate's vocabulary reads the same here
+    (`model.weight.value.shape`). They are ordinary immutable Equinox modules: replace a
+    state with `eqx.tree_at(lambda m: m.weight.value, model, new_value)`.
+
+    An array leaf that is not inside any marker (for example the weight of an
+    `eqx.nn.Linear`) is a state of its own; a marker groups its whole `value`, so every
+    array in it gets the same axis.
+
+    **Arguments:**
+
+    - `value`: any pytree of arrays.
+    - `tag`: an optional string, matched by [`eqx_pmapstate.filters.WithTag`][].
+    """
+
+    value: Any
+    tag: str | None = eqx.field(static=True, default=None)
+
+
+class ParamState(State):
+    """A trainable parameter."""
+
+
+class ShortTermState(State):
+    """A state that changes from step to step: hidden states, counters."""
+
+
+class LongTermState(State):
+    """A state kept over many steps: running statistics, moving averages."""
+
+
+class NonBatchState(State):
+    """A state that is the same on every device or ensemble member.
+
+    It is always replicated (axis `None`), whatever `state_out_axes` says; the library
+    checks that its value really agrees everywhere and raises an error naming it
+    otherwise.
+    """
