@@ -19,6 +19,8 @@ per call signature:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +34,32 @@ from jax.sharding import PartitionSpec as P
 
 from ._mesh import axis_spec
 from ._tree import is_arraylike, keystr
+
+
+class ReplicationError(ValueError):
+    """A leaf that should be the same on every device is not."""
+
+
+class _HideReplicationErrors(logging.Filter):
+    # Each device raises the same ReplicationError in its own callback; JAX logs every
+    # one with a traceback before the run fails with a single JaxRuntimeError. Keep the
+    # error, drop the eight log entries.
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ReplicationError)
+
+
+logging.getLogger("jax._src.callback").addFilter(_HideReplicationErrors())
+
+
+def replication_message(paths, axis_name) -> str:
+    return (
+        f"The leaf/leaves at {', '.join(paths)} should be the same on every device of the "
+        f"axis {axis_name!r} (replicated), but differ between devices. If they are parameters "
+        "updated from gradients, average the gradients first with "
+        f"`jax.lax.pmean(grads, {axis_name!r})`; if they are meant to differ, return them "
+        "with a device axis (`out_axes=0`)."
+    )
 
 
 class LeafInfo(NamedTuple):
@@ -131,24 +159,31 @@ def _infos(out, local, varying_of) -> tuple[Any, list[LeafInfo]]:
 class Compiled:
     """One compiled program for one call signature."""
 
-    def __init__(self, plan: Plan, run: Callable, in_shardings: tuple | None):
+    def __init__(self, plan: Plan, run: Callable, in_shardings: tuple | None, extra_out: bool):
         self.plan = plan
-        self._run = run
+        self.run = run  # the jitted program, over the list of dynamic inputs
         self.in_shardings = in_shardings
+        self.extra_out = extra_out  # whether the last output is the check's flags or token
+
+    def place(self, dyn: Sequence) -> list:
+        """`dyn`, with every input moved to the layout the program expects."""
+        if self.in_shardings is None:
+            return list(dyn)
+        return [
+            x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+            for x, s in zip(dyn, self.in_shardings)
+        ]
 
     def __call__(self, dyn: Sequence) -> tuple[Any, jax.Array | None]:
-        """Runs the program; returns the output tree, and the vector of run-time check
-        flags (True where a replicated leaf differs between devices), or None."""
-        if self.in_shardings is not None:
-            dyn = [
-                x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
-                for x, s in zip(dyn, self.in_shardings)
-            ]
-        outs = self._run(*dyn)
-        flags = None
-        if self.plan.checked:
-            *outs, flags = outs
-        return self.assemble(dyn, outs), flags
+        """Runs the program; returns the output tree, and the last extra output (the
+        run-time check's flags, True where a replicated leaf differs between devices, or
+        the token of the raising check), or None."""
+        dyn = self.place(dyn)
+        outs = self.run(*dyn)
+        extra = None
+        if self.extra_out:
+            *outs, extra = outs
+        return self.assemble(dyn, outs), extra
 
     def assemble(self, dyn, outs):
         it = iter(outs)
@@ -172,37 +207,57 @@ def _squeeze_mapped(xs, in_axes):
     return [x if a is None else jnp.squeeze(x, a) for x, a in zip(xs, in_axes)]
 
 
-def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs, donate):
+def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs, donate, check):
     in_specs = tuple(axis_spec(axis_name, a) for a in in_axes)
     holder = {}
 
     def varying_of(leaf):
         return axis_name in jax.typeof(leaf).manual_axis_type.varying
 
-    def body_trace(*xs):
+    def body_trace(*xs, pvary, decide_here):
         local = _squeeze_mapped(xs, in_axes)
-        if pvary_inputs:
+        if pvary:
             local = [
                 x if varying_of(x) else jax.lax.pcast(x, axis_name, to="varying") for x in local
             ]
         out = fn(local)
         treedef, infos = _infos(out, local, varying_of)
-        decided = decide(out, infos)
-        plan = _plan_from(treedef, infos, decided)
-        holder["plan"] = plan
-        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
+        if decide_here:
+            holder["plan"] = _plan_from(treedef, infos, decide(out, infos))
+        holder["varying"] = [info.varying for info in infos]
+        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, holder["plan"].kinds) if k == "array"]
         return [a[None] for a in arrays]
 
     abstract = [_abstract(x) for x in dyn]
-    jax.eval_shape(
-        jax.shard_map(body_trace, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=True),
-        *abstract,
-    )
+
+    def trace(pvary, decide_here):
+        body = functools.partial(body_trace, pvary=pvary, decide_here=decide_here)
+        jax.eval_shape(
+            jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=True),
+            *abstract,
+        )
+
+    trace(pvary_inputs, True)
     plan: Plan = holder["plan"]
+    if pvary_inputs and plan.checked:
+        # With replicated inputs taken as per-device copies, anything computed from them
+        # varies in the trace. Trace again with them invariant: a leaf that still varies
+        # comes from mapped inputs or `axis_index` and can never be replicated.
+        trace(False, False)
+        array_index = [i for i, (k, _) in enumerate(plan.kinds) if k == "array"]
+        surely = [
+            keystr(plan.array_paths[c]) for c in plan.checked if holder["varying"][array_index[c]]
+        ]
+        if surely:
+            raise ValueError(
+                f"The output(s) at {', '.join(surely)} must come back replicated (the same on "
+                f"every device of the axis {axis_name!r}), but they vary over it: they are "
+                "computed from mapped inputs (or `jax.lax.axis_index`) without a collective "
+                "such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce them over the axis, or "
+                "return them with a device axis (`out_axes=0`)."
+            )
     array_axes = [v for k, v in plan.kinds if k == "array"]
     out_specs = [axis_spec(axis_name, a) for a in array_axes]
-    if plan.checked:
-        out_specs.append(P())
 
     def body_run(*xs):
         local = _squeeze_mapped(xs, in_axes)
@@ -215,15 +270,39 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
             )
         arrays = [jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"]
         res = [x if a is None else jnp.expand_dims(x, a) for x, a in zip(arrays, array_axes)]
-        if plan.checked:
+        if checking:
             sums = jnp.stack([checksum(arrays[i]) for i in plan.checked])
-            res.append(jax.lax.pmax(sums, axis_name) != jax.lax.pmin(sums, axis_name))
+            flags = jax.lax.pmax(sums, axis_name) != jax.lax.pmin(sums, axis_name)
+            if check == "raise":
+                # Every device holds the same flags, so every device raises, and no device is
+                # left waiting in a collective. Nothing follows this in the program.
+                res.append(
+                    jax.lax.cond(
+                        jnp.any(flags),
+                        lambda f: jax.pure_callback(raise_if_bad, jax.ShapeDtypeStruct((), jnp.bool_), f),
+                        lambda f: jnp.zeros((), jnp.bool_),
+                        flags,
+                    )
+                )
+            else:
+                res.append(flags)
         return res
 
+    checking = bool(plan.checked) and check != "off"
+    paths = [keystr(plan.array_paths[c]) for c in plan.checked]
+
+    def raise_if_bad(flags):
+        bad = [p for p, b in zip(paths, np.asarray(flags)) if b]
+        if bad:
+            raise ReplicationError(replication_message(bad, axis_name))
+        return np.zeros((), np.bool_)
+
+    if checking:
+        out_specs.append(P())
     mapped = jax.shard_map(body_run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
     run = jax.jit(mapped, donate_argnums=tuple(donate))
-    return Compiled(plan, run, in_shardings)
+    return Compiled(plan, run, in_shardings, checking)
 
 
 def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
@@ -269,7 +348,7 @@ def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
                 ) from None
         raise
     run = jax.jit(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), donate_argnums=tuple(donate))
-    return Compiled(plan, run, None)
+    return Compiled(plan, run, None, False)
 
 
 def compiled(
@@ -284,6 +363,7 @@ def compiled(
     axis_size: int | None = None,
     pvary_inputs: bool = False,
     donate: Sequence[int] = (),
+    check: str = "flags",
 ) -> Compiled:
     """The compiled program for `fn` over these inputs, from the cache when it is there.
 
@@ -296,12 +376,19 @@ def compiled(
     - `decide`: picks each output leaf's layout from the abstract trace.
     - `mesh`: run over this mesh's axis `axis_name` (shard_map); else `axis_size`
         members of a vmapped batch axis.
+    - `pvary_inputs`: trace with replicated inputs taken as per-device copies (the
+        semantics of the real program); leaves to check that vary even without that are
+        a trace-time error.
+    - `donate`: indices of `dyn` to donate.
+    - `check`: what the run-time check of replicated leaves gives: `"flags"` (a vector,
+        the last output), `"raise"` (a `ReplicationError` raised from every device; the
+        results fail when waited on), or `"off"`.
     """
-    sig = (key, mesh, axis_name, axis_size, tuple(in_axes), tuple(aval_key(x) for x in dyn), pvary_inputs, tuple(donate))
+    sig = (key, mesh, axis_name, axis_size, tuple(in_axes), tuple(aval_key(x) for x in dyn), pvary_inputs, tuple(donate), check)
     entry = _cache.get(sig)
     if entry is None:
         if mesh is not None:
-            entry = _build_sharded(fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate)
+            entry = _build_sharded(fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate, check)
         else:
             entry = _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate)
         with _lock:
