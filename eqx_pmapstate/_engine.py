@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ._mesh import axis_spec
-from ._tree import is_arraylike, keystr
+from ._tree import is_arraylike, keystr, paths_str
 
 
 class ReplicationError(ValueError):
@@ -54,7 +54,7 @@ logging.getLogger("jax._src.callback").addFilter(_HideReplicationErrors())
 
 def replication_message(paths, axis_name) -> str:
     return (
-        f"The leaf/leaves at {', '.join(paths)} should be the same on every device of the "
+        f"The leaf/leaves at {paths_str(paths)} should be the same on every device of the "
         f"axis {axis_name!r} (replicated), but differ between devices. If they are parameters "
         "updated from gradients, average the gradients first with "
         f"`jax.lax.pmean(grads, {axis_name!r})`; if they are meant to differ, return them "
@@ -121,11 +121,31 @@ def _words(x):
     return bits.astype(jnp.uint32).ravel()
 
 
+def _mix(h):
+    # The finaliser of MurmurHash3: every input bit affects every output bit.
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
 def checksum(x) -> jax.Array:
-    """A uint32 checksum of the bits of `x` in which any one changed word shows."""
+    """Two independent uint32 hashes of the bits of `x` (and of where each word is).
+
+    Each word is mixed with its position through a non-linear hash before summing, so
+    differences in several words do not cancel out the way they can in a weighted sum.
+    """
     w = _words(jnp.asarray(x))
-    weights = jnp.arange(w.size, dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-    return jnp.sum(w * weights, dtype=jnp.uint32)
+    pos = jnp.arange(w.size, dtype=jnp.uint32)
+    a = jnp.sum(_mix(w ^ _mix(pos + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    b = jnp.sum(_mix((w + jnp.uint32(0x7F4A7C15)) ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1))), dtype=jnp.uint32)
+    return jnp.stack([a, b])
+
+
+def same_bits(x, y) -> jax.Array:
+    """Whether two arrays hold the very same bits (NaNs included)."""
+    return jnp.array_equal(_words(jnp.asarray(x)), _words(jnp.asarray(y)))
 
 
 def _plan_from(treedef, infos, decided: Decided) -> Plan:
@@ -178,8 +198,7 @@ class Compiled:
         """Runs the program; returns the output tree, and the last extra output (the
         run-time check's flags, True where a replicated leaf differs between devices, or
         the token of the raising check), or None."""
-        dyn = self.place(dyn)
-        outs = self.run(*dyn)
+        outs = self.run(*self.place(dyn))
         extra = None
         if self.extra_out:
             *outs, extra = outs
@@ -250,7 +269,7 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
         ]
         if surely:
             raise ValueError(
-                f"The output(s) at {', '.join(surely)} must come back replicated (the same on "
+                f"The output(s) at {paths_str(surely)} must come back replicated (the same on "
                 f"every device of the axis {axis_name!r}), but they vary over it: they are "
                 "computed from mapped inputs (or `jax.lax.axis_index`) without a collective "
                 "such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce them over the axis, or "
@@ -272,7 +291,7 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
         res = [x if a is None else jnp.expand_dims(x, a) for x, a in zip(arrays, array_axes)]
         if checking:
             sums = jnp.stack([checksum(arrays[i]) for i in plan.checked])
-            flags = jax.lax.pmax(sums, axis_name) != jax.lax.pmin(sums, axis_name)
+            flags = jnp.any(jax.lax.pmax(sums, axis_name) != jax.lax.pmin(sums, axis_name), axis=1)
             if check == "raise":
                 # Every device holds the same flags, so every device raises, and no device is
                 # left waiting in a collective. Nothing follows this in the program.
@@ -327,28 +346,40 @@ def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
         leaves = jtu.tree_leaves(fn(list(xs)))
         return [jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"]
 
+    # Replicated leaves that are batched in the trace: made with a batch axis, then
+    # compared member by member at run time (exactly, on this one device) and unstacked.
+    batched = []
     try:
         jax.eval_shape(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), *abstract)
     except ValueError:
-        # Find the replicated leaf that is batched, to name it.
         for i, a in enumerate(array_axes):
             if a is not None:
                 continue
-
-            def one(*xs, i=i):
-                return body_run(*xs)[i]
-
             try:
-                jax.eval_shape(jax.vmap(one, in_axes=tuple(in_axes), out_axes=None, **vm), *abstract)
+                jax.eval_shape(
+                    jax.vmap(lambda *xs, i=i: body_run(*xs)[i], in_axes=tuple(in_axes), out_axes=None, **vm),
+                    *abstract,
+                )
             except ValueError:
-                raise ValueError(
-                    f"The state at {keystr(plan.array_paths[i])} is to be replicated (axis None), "
-                    "but its value differs between the members of the batch axis. Create it "
-                    "from unmapped inputs only, or give it a batch axis in `state_out_axes`."
-                ) from None
-        raise
-    run = jax.jit(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), donate_argnums=tuple(donate))
-    return Compiled(plan, run, None, False)
+                batched.append(i)
+        if not batched:
+            raise
+    run_axes = [0 if i in batched else a for i, a in enumerate(array_axes)]
+    mapped = jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=run_axes, **vm)
+
+    def program(*xs):
+        outs = list(mapped(*xs))
+        if not batched:
+            return outs
+        flags = []
+        for i in batched:
+            first = outs[i][0]
+            flags.append(~jnp.all(jax.vmap(lambda m, first=first: same_bits(m, first))(outs[i])))
+            outs[i] = first
+        return outs + [jnp.stack(flags)]
+
+    plan = dataclasses.replace(plan, checked=tuple(batched))
+    return Compiled(plan, jax.jit(program, donate_argnums=tuple(donate)), None, bool(batched))
 
 
 def compiled(

@@ -25,7 +25,7 @@ def value_key(x: Any, _depth: int = 0):
         hash(x)
     except TypeError:
         return _ById(x)
-    return x
+    return (type(x), x)  # 2, 2.0 and True are equal in Python, but not as static values
 
 
 def fn_key(f, _depth: int = 0) -> Any:

@@ -18,7 +18,7 @@ from ._keys import fn_key, value_key
 from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
 from ._state import State
-from ._tree import is_arraylike, iter_states, keystr
+from ._tree import is_arraylike, iter_states, keystr, paths_str
 
 
 def _has_init_state(x) -> bool:
@@ -110,17 +110,18 @@ def _with_tag(marker: State, tag: str) -> State:
     return new
 
 
-def _tag_new_markers(out, inputs: list, tag: str):
-    ids = {id(x) for x in inputs}
+def _tag_new_markers(out, held: set, tag: str):
+    """Tags the markers that hold a new array: one not at a path the module already held
+    (the same test that decides which arrays are laid out)."""
 
-    def retag(x):
+    def retag(path, x):
         if isinstance(x, State) and x.tag is None:
-            leaves = jtu.tree_leaves(x.value)
-            if not any(id(leaf) in ids for leaf in leaves):
+            sub = jtu.tree_flatten_with_path(x)[0]
+            if any(is_arraylike(leaf) and path + tuple(p) not in held for p, leaf in sub):
                 return _with_tag(x, tag)
         return x
 
-    return jtu.tree_map(retag, out, is_leaf=lambda x: isinstance(x, State))
+    return jtu.tree_map_with_path(retag, out, is_leaf=lambda x: isinstance(x, State))
 
 
 def _new_states(
@@ -185,7 +186,7 @@ def _new_states(
     else:
         mod_flat, mod_def = [], None
         module_key = fn_key(module)
-    n_module = len(dyn)
+    held_paths = {path for path, _ in module_paths}
     kw_names = sorted(init_kwargs)
     kw_flat, kw_def = jtu.tree_flatten_with_path([init_kwargs[k] for k in kw_names])
     kw_axes = []
@@ -227,7 +228,7 @@ def _new_states(
         else:
             out = module(**kwargs)
         if state_tag is not None:
-            out = _tag_new_markers(out, local, state_tag)
+            out = _tag_new_markers(out, held_paths, state_tag)
         return out
 
     def decide(out, infos: list[_engine.LeafInfo]) -> _engine.Decided:
@@ -264,8 +265,9 @@ def _new_states(
         bad = compiled.mismatched(flags)
         if bad:
             raise ValueError(
-                f"The state(s) at {', '.join(bad)} are to be replicated (axis None), but their "
-                "values differ between devices. A replicated state must be the same everywhere: "
+                f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "
+                "values differ between devices (or ensemble members). A replicated state must be the same "
+                "everywhere: "
                 "create it from replicated inputs only, or give it a device axis in "
                 "`state_out_axes` (and do not mark it `NonBatchState`)."
             )

@@ -217,9 +217,13 @@ class Pmap2:
         dyn_pos = {leaf_i: d for d, leaf_i in enumerate(dyn_index)}
         donated = set(self._donated(args, dyn_index, arg_start))
 
-        def inherited(sub) -> list | None:
+        def inherited(sub, prefer=None) -> list | None:
+            # The argument at the same position is tried first, then the others in order, so
+            # that `return model, state` after `step(model, state, ...)` pairs them up even
+            # when the two have the same structure.
             structure = jtu.tree_structure(sub)
-            for struct, a_idx, _ in candidates:
+            ordered = sorted(candidates, key=lambda c: c[1] != prefer)
+            for struct, a_idx, _ in ordered:
                 if struct == structure:
                     start = arg_start[a_idx]
                     return [layout_of_leaf[start + j] if (start + j) in dyn_pos else _DEFAULT
@@ -239,8 +243,8 @@ class Pmap2:
                 wanted = inherited(out)
                 if wanted is None and isinstance(out, tuple):
                     wanted = []
-                    for element in out:
-                        got = inherited(element)
+                    for position, element in enumerate(out):
+                        got = inherited(element, prefer=position)
                         wanted += got if got is not None else [_DEFAULT] * len(jtu.tree_leaves(element))
                 elif wanted is None:
                     wanted = [_DEFAULT] * n_out

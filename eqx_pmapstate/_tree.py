@@ -47,3 +47,10 @@ def iter_states(tree) -> Iterator[StateRef]:
 def keystr(path: tuple) -> str:
     """A path as it would be written after the tree's name: `.layers[0].weight`."""
     return jtu.keystr(path) if path else "<root>"
+
+
+def paths_str(paths, limit: int = 6) -> str:
+    """A list of paths for an error message, cut after `limit`."""
+    paths = list(paths)
+    shown = ", ".join(paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
