@@ -3,6 +3,7 @@
 from . import filters as filters
 from ._describe import describe as describe
 from ._describe import states_by_axis as states_by_axis
+from ._map import Map as Map
 from ._new_states import pmap2_new_states as pmap2_new_states
 from ._new_states import vmap2_new_states as vmap2_new_states
 from ._engine import ReplicationError as ReplicationError

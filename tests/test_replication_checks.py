@@ -42,3 +42,12 @@ def test_checksum_sees_differences_that_cancel_in_a_weighted_sum():
     assert not np.array_equal(checksum(jnp.array([1.0, 2.0])), checksum(jnp.array([2.0, 1.0])))
     nan = jnp.array([jnp.nan, 1.0])
     np.testing.assert_array_equal(checksum(nan), checksum(nan + 0))
+
+
+def test_checksums_in_one_pass_equal_one_by_one():
+    from eqx_pmapstate._engine import checksums
+
+    xs = [jnp.arange(5.0), jnp.ones((2, 3), jnp.int32), jnp.array(True), jax.random.key(0)]
+    together = checksums(xs)
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(together[i], checksum(x))

@@ -1,0 +1,123 @@
+"""Per-call time of a trivial training-like step over many small arrays, on 8 CPU devices.
+
+Compares `eqx_pmapstate.pmap2` (run-time replication check on and off) with the floor,
+`jax.jit` on the same sharded arrays, and with `jax.jit(jax.shard_map(...))` and
+`eqx.filter_pmap`. Calls are interleaved and each figure is a median over repeats; the
+ratios to the floor are what matter. Run: `.venv/bin/python benchmarks/bench_step.py`.
+"""
+
+import argparse
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import eqx_pmapstate as ep  # noqa: E402
+
+
+def mesh8():
+    return jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def timed(fns, repeats, calls):
+    for f in fns.values():  # compile, and warm the caches
+        jax.block_until_ready(f())
+        jax.block_until_ready(f())
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():  # interleaved
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                out = f()
+            jax.block_until_ready(out)
+            times[k].append((time.perf_counter() - t0) / calls)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_trivial(n_leaves, repeats, calls, with_filter_pmap=True):
+    """`x + 1` on every leaf; leaves of shape (8, 16) laid out along the device axis."""
+    mesh = mesh8()
+    per = NamedSharding(mesh, P("devices"))
+    xs = [jax.device_put(jnp.full((8, 16), float(i)), per) for i in range(n_leaves)]
+    host = [jnp.full((8, 16), float(i)) for i in range(n_leaves)]
+
+    def body(xs):
+        return [x + 1.0 for x in xs]
+
+    floor = jax.jit(body)
+    spec = [P("devices")] * n_leaves
+    shmap = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False))
+    ours = ep.pmap2(body)
+    fns = {
+        "jax.jit (floor)": lambda: floor(xs),
+        "jit(shard_map)": lambda: shmap(xs),
+        "pmap2": lambda: ours(xs),
+    }
+    if with_filter_pmap:
+        fpmap = eqx.filter_pmap(body, axis_name="devices")
+        fns["eqx.filter_pmap"] = lambda: fpmap(host)
+    return timed(fns, repeats, calls)
+
+
+def bench_check(n_leaves, repeats, calls):
+    """Half replicated "parameters" updated with a `pmean`'d value, which pmap2 must check
+    at run time, half per-device states; pmap2 with the check on and off."""
+    mesh = mesh8()
+    rep = NamedSharding(mesh, P())
+    per = NamedSharding(mesh, P("devices"))
+    params = [jax.device_put(jnp.full((8, 16), float(i)), rep) for i in range(n_leaves // 2)]
+    states = [jax.device_put(jnp.ones((8, 8, 16)), per) for _ in range(n_leaves - n_leaves // 2)]
+
+    def body(params, states):
+        g = jax.lax.pmean(states[0].sum(), "devices")
+        return [p - 1e-3 * g for p in params], [s + 1.0 for s in states]
+
+    on = ep.pmap2(body)
+    off = ep.pmap2(body, check_replicated=False)
+    return timed({"check on": lambda: on(params, states), "check off": lambda: off(params, states)}, repeats, calls)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--leaves", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--scaling", type=int, nargs="*", default=[100, 1000, 10000])
+    args = parser.parse_args()
+
+    res = bench_trivial(args.leaves, args.repeats, args.calls)
+    base = res["jax.jit (floor)"]
+    print(f"Per-call time of `x + 1` on {args.leaves} leaves of (8, 16) laid out over 8 CPU devices")
+    print(f"(median of {args.repeats} interleaved rounds of {args.calls} calls)")
+    for k, v in res.items():
+        print(f"  {k:<18} {v * 1e3:8.3f} ms   {v / base:5.2f}x floor")
+    print("  target: pmap2 at most 1.15x the floor, and faster than eqx.filter_pmap")
+
+    chk = bench_check(args.leaves, args.repeats, args.calls)
+    print(f"\nRun-time replication check, {args.leaves // 2} replicated + {args.leaves - args.leaves // 2} per-device leaves:")
+    print(
+        f"  check on {chk['check on'] * 1e3:.3f} ms, check off {chk['check off'] * 1e3:.3f} ms: "
+        f"{chk['check on'] / chk['check off']:.2f}x"
+    )
+
+    print("\nAs the tree grows (per-call time; overhead = pmap2 minus floor):")
+    for n in args.scaling:
+        calls = max(2, args.calls * 100 // max(n, 100))
+        r = bench_trivial(n, max(3, args.repeats // 3), calls, with_filter_pmap=False)
+        fl, ours = r["jax.jit (floor)"], r["pmap2"]
+        print(
+            f"  {n:>6} leaves: floor {fl * 1e3:9.3f} ms ({fl / n * 1e6:6.2f} us/leaf), pmap2 "
+            f"{ours * 1e3:9.3f} ms ({ours / n * 1e6:6.2f} us/leaf), {ours / fl:5.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`Map`: a module mapped over devices or ensemble members, functionally."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+from ._describe import leaf_axis
+from ._mesh import _UNKNOWN, read_axis
+from ._new_states import pmap2_new_states, vmap2_new_states
+from ._pmap2 import pmap2
+
+
+def _apply(module, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _mapped_apply(axis_name: str, in_axes, out_axes, n_args: int):
+    def module_axis(x):
+        axis = read_axis(x, axis_name)
+        return None if axis is _UNKNOWN else axis
+
+    return pmap2(_apply, axis_name=axis_name, in_axes=(module_axis,) + (in_axes,) * n_args, out_axes=out_axes)
+
+
+@eqx.filter_jit
+def _vmapped_apply(module, module_axes, args, kwargs, in_axes, out_axes, axis_name, axis_size):
+    fn = eqx.filter_vmap(
+        lambda m, a, k: m(*a, **k),
+        in_axes=(module_axes, in_axes, 0),
+        out_axes=out_axes,
+        axis_name=axis_name,
+        axis_size=axis_size,
+    )
+    return fn(module, args, kwargs)
+
+
+class Map(eqx.Module):
+    """A module mapped over an axis: several devices (`behavior="pmap"`) or an ensemble on
+    one device (`behavior="vmap"`).
+
+    The functional form of brainstate's `Map`: `init_all_states` returns a new `Map` whose
+    module's states were made by [`eqx_pmapstate.pmap2_new_states`][] or
+    [`eqx_pmapstate.vmap2_new_states`][], and calling the `Map` maps the module's `__call__`
+    over the axis.
+
+    **Arguments:**
+
+    - `module`: an `eqx.Module` with `init_state` methods, or a callable building the
+        module (as `pmap2_new_states` takes it).
+    - `init_map_size`: the size of the axis: devices, or ensemble members.
+    - `init_state_axes`: `state_out_axes` for the initialisation.
+    - `state_tag`: tag for the new markers.
+    - `in_axes`: the axis of every positional argument of a call (`int`, `None`, or a
+        pytree prefix per argument; for `"pmap"` also a [`eqx_pmapstate.StateAxes`][]).
+    - `out_axes`: the axis of the outputs.
+    - `axis_name`: the axis name (`"devices"` for `"pmap"` when not given).
+    - `behavior`: `"vmap"` or `"pmap"`.
+
+    !!! example
+
+        ```python
+        mapper = Map(ParallelModel(), init_map_size=8, behavior="pmap", axis_name="devices")
+        mapper = mapper.init_all_states(layer_size=128)
+        outputs = mapper(inputs)  # inputs: (8, batch_per_device, 128)
+        ```
+    """
+
+    module: Any
+    init_map_size: int = eqx.field(static=True)
+    init_state_axes: Any = eqx.field(static=True, default=None)
+    state_tag: str | None = eqx.field(static=True, default=None)
+    in_axes: Any = eqx.field(static=True, default=0)
+    out_axes: Any = eqx.field(static=True, default=0)
+    axis_name: str | None = eqx.field(static=True, default=None)
+    behavior: Literal["vmap", "pmap"] = eqx.field(static=True, default="vmap")
+    module_axes: Any = eqx.field(static=True, default=None)  # per-leaf axes, for "vmap"
+
+    def __check_init__(self):
+        if self.behavior not in ("vmap", "pmap"):
+            raise ValueError(f"`behavior` must be 'vmap' or 'pmap', but got {self.behavior!r}.")
+
+    @property
+    def _name(self):
+        if self.behavior == "pmap" and self.axis_name is None:
+            return "devices"
+        return self.axis_name
+
+    def init_all_states(self, **init_kwargs) -> Map:
+        """Creates the module's states over the axis.
+
+        **Arguments:**
+
+        - `**init_kwargs`: the arguments of the initialisation.
+
+        **Returns:**
+
+        A new `Map` holding the initialised module.
+        """
+        common = dict(state_tag=self.state_tag, axis_size=self.init_map_size, state_out_axes=self.init_state_axes)
+        if self.behavior == "pmap":
+            module = pmap2_new_states(self.module, init_kwargs, axis_name=self._name, **common)
+            axes = None
+        else:
+            module = vmap2_new_states(self.module, init_kwargs, axis_name=self._name, **common)
+            axes = jtu.tree_map(
+                lambda x: (lambda a: None if a is _UNKNOWN else a)(leaf_axis(x)) if isinstance(x, jax.Array) else None,
+                module,
+            )
+        return eqx.tree_at(lambda m: m.module, self, module).__with_axes(axes)
+
+    def __with_axes(self, axes) -> Map:
+        new = object.__new__(type(self))
+        for k, v in vars(self).items():
+            object.__setattr__(new, k, v)
+        object.__setattr__(new, "module_axes", axes)
+        return new
+
+    def __call__(self, *args, **kwargs):
+        """Calls the module on every device or member, mapping the arguments by `in_axes`."""
+        if self.behavior == "pmap":
+            fn = _mapped_apply(self._name, self.in_axes, self.out_axes, len(args))
+            return fn(self.module, *args, **kwargs)
+        if self.module_axes is None:
+            raise ValueError("Call `init_all_states` first: this `Map` has no states yet.")
+        in_axes = self.in_axes if not isinstance(self.in_axes, int) else (self.in_axes,) * len(args)
+        return _vmapped_apply(
+            self.module, self.module_axes, args, kwargs, tuple(in_axes) if isinstance(in_axes, list) else in_axes,
+            self.out_axes, self._name, self.init_map_size,
+        )
