@@ -69,6 +69,12 @@ class LeafInfo(NamedTuple):
     leaf: Any  # a tracer (per-device view), or a non-array Python object
     input_index: int | None  # the input this leaf is the very same object as, if any
     varying: bool | None  # varies over the axis (None: not known, the vmap backend)
+    # With `pvary_inputs`: whether it still varies when replicated inputs are taken as
+    # invariant, that is, whether it depends on mapped inputs or `axis_index` by more than
+    # a reduction. (Gradients with respect to invariant inputs are summed over the axis
+    # by JAX in that trace, so "not varying" here does not prove a leaf replicated under
+    # `jax.pmap`'s semantics: such leaves are checked at run time.)
+    varying_alone: bool | None = None
 
 
 class Pass(NamedTuple):
@@ -248,7 +254,7 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
     def varying_of(leaf):
         return axis_name in jax.typeof(leaf).manual_axis_type.varying
 
-    def body_trace(*xs, pvary, decide_here):
+    def body_trace(*xs, pvary, record_only):
         local = _squeeze_mapped(xs, in_axes)
         if pvary:
             local = [
@@ -256,40 +262,30 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
             ]
         out = fn(local)
         treedef, infos = _infos(out, local, varying_of)
-        if decide_here:
-            holder["plan"] = _plan_from(treedef, infos, decide(out, infos))
-        holder["varying"] = [info.varying for info in infos]
-        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, holder["plan"].kinds) if k == "array"]
+        if record_only:
+            holder["alone"] = [info.varying for info in infos]
+            return []
+        if "alone" in holder:
+            infos = [info._replace(varying_alone=a) for info, a in zip(infos, holder["alone"], strict=True)]
+        plan = holder["plan"] = _plan_from(treedef, infos, decide(out, infos))
+        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
         return [a[None] for a in arrays]
 
     abstract = [_abstract(x) for x in dyn]
 
-    def trace(pvary, decide_here):
-        body = functools.partial(body_trace, pvary=pvary, decide_here=decide_here)
+    def trace(pvary, record_only):
+        body = functools.partial(body_trace, pvary=pvary, record_only=record_only)
         jax.eval_shape(
             jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=True),
             *abstract,
         )
 
-    trace(pvary_inputs, True)
+    if pvary_inputs:
+        # First with replicated inputs invariant, then as per-device copies (the real
+        # program's semantics); `decide` sees both.
+        trace(False, True)
+    trace(pvary_inputs, False)
     plan: Plan = holder["plan"]
-    if pvary_inputs and plan.checked:
-        # With replicated inputs taken as per-device copies, anything computed from them
-        # varies in the trace. Trace again with them invariant: a leaf that still varies
-        # comes from mapped inputs or `axis_index` and can never be replicated.
-        trace(False, False)
-        array_index = [i for i, (k, _) in enumerate(plan.kinds) if k == "array"]
-        surely = [
-            keystr(plan.array_paths[c]) for c in plan.checked if holder["varying"][array_index[c]]
-        ]
-        if surely:
-            raise ValueError(
-                f"The output(s) at {paths_str(surely)} must come back replicated (the same on "
-                f"every device of the axis {axis_name!r}), but they vary over it: they are "
-                "computed from mapped inputs (or `jax.lax.axis_index`) without a collective "
-                "such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce them over the axis, or "
-                "return them with a device axis (`out_axes=0`)."
-            )
     array_axes = [v for k, v in plan.kinds if k == "array"]
     out_specs = [axis_spec(axis_name, a) for a in array_axes]
 
@@ -425,8 +421,8 @@ def compiled(
     - `mesh`: run over this mesh's axis `axis_name` (shard_map); else `axis_size`
         members of a vmapped batch axis.
     - `pvary_inputs`: trace with replicated inputs taken as per-device copies (the
-        semantics of the real program); leaves to check that vary even without that are
-        a trace-time error.
+        semantics of the real program), after a first trace with them invariant whose
+        findings are `LeafInfo.varying_alone`.
     - `donate`: indices of `dyn` to donate.
     - `check`: what the run-time check of replicated leaves gives: `"flags"` (a vector,
         the last output), `"raise"` (a `ReplicationError` raised from every device; the

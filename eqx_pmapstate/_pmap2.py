@@ -16,7 +16,7 @@ from ._assign import assign_axis, normalize_axis, normalize_out_axes
 from ._keys import _ById, value_key
 from ._mesh import _UNKNOWN, read_axis, resolve_mesh
 from ._state import State
-from ._tree import is_arraylike, iter_states
+from ._tree import is_arraylike, iter_states, paths_str
 
 
 class StateAxes:
@@ -248,16 +248,20 @@ class Pmap2:
                         wanted += got if got is not None else [_DEFAULT] * len(jtu.tree_leaves(element))
                 elif wanted is None:
                     wanted = [_DEFAULT] * n_out
-            decisions, check = [None] * n_out, set()
+            decisions, check, surely = [None] * n_out, set(), []
             for i, (info, w) in enumerate(zip(infos, wanted)):
                 if not is_arraylike(info.leaf):
                     continue
                 if callable(w) and w is not _DEFAULT:
                     w = w(info.leaf)
                 if w is _DEFAULT:
-                    axis = 0 if info.varying else None
+                    # Rule 2: replicated when the trace shows it the same everywhere; also when
+                    # only the replicated inputs make it vary (checked at run time).
+                    axis = 0 if info.varying_alone else None
                 else:
                     axis = normalize_axis(w, np.ndim(info.leaf), info.path)
+                    if axis is None and info.varying_alone:
+                        surely.append(_out_where(info.path))
                 j = info.input_index
                 if j is not None and in_axes[j] == axis and j not in donated and not self._needs_put(leaves[dyn_index[j]], mesh, axis):
                     decisions[i] = _engine.Pass(j)
@@ -265,6 +269,14 @@ class Pmap2:
                 decisions[i] = axis
                 if axis is None and info.varying:
                     check.add(i)
+            if surely:
+                raise ValueError(
+                    f"{paths_str(surely)[0].upper()}{paths_str(surely)[1:]} must come back replicated (the same on every device "
+                    f"of the axis {self.axis_name!r}), but the trace shows it varying over the "
+                    "axis: it is computed from mapped inputs (or `jax.lax.axis_index`) without a "
+                    "collective such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce it over "
+                    "the axis, or return it with a device axis (`out_axes=0`)."
+                )
             return _engine.Decided(decisions, frozenset(check))
 
         static = [x for x in leaves if not is_arraylike(x)]

@@ -1,0 +1,116 @@
+"""Data-parallel training of an MLP regression on 8 devices with `eqx_pmapstate` and optax.
+
+The parameters and the optimizer state are replicated, each device gets its own shard of
+every batch, gradients are averaged with `jax.lax.pmean`, and each device keeps a state of
+its own across steps (how many samples it has seen). `pmap2` keeps every leaf where
+`pmap2_new_states` put it, step after step, and checks at run time that the replicated
+parameters really stay the same on every device.
+
+Run: `.venv/bin/python examples/train_data_parallel.py` (on a machine with one CPU it
+makes 8 CPU devices itself).
+"""
+
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import eqx_pmapstate as ep  # noqa: E402
+from eqx_pmapstate.filters import OfType  # noqa: E402
+
+AXIS = "devices"
+
+
+class Regressor(eqx.Module):
+    mlp: eqx.nn.MLP
+    seen: ep.ShortTermState  # per device: how many samples this device has trained on
+
+    def __call__(self, x):
+        return jax.vmap(self.mlp)(x)[:, 0]
+
+
+def build(key):
+    return Regressor(
+        eqx.nn.MLP(in_size=4, out_size=1, width_size=32, depth=2, activation=jax.nn.tanh, key=key),
+        ep.ShortTermState(jnp.zeros((), jnp.int32)),
+    )
+
+
+TRUE_W = jnp.array([1.0, -2.0, 0.5, 1.5])
+
+
+def make_data(key, n):
+    x = jax.random.normal(key, (n, 4))
+    return x, jnp.sin(x @ TRUE_W) + 0.1 * x[:, 0] ** 2
+
+
+def loss_fn(params, static, x, y):
+    model = eqx.combine(params, static)
+    return jnp.mean((model(x) - y) ** 2)
+
+
+def make_step(optimizer, average_gradients=True):
+    @ep.pmap2(axis_name=AXIS)
+    def step(model, opt_state, x, y):
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        loss, grads = jax.value_and_grad(loss_fn)(params, static, x, y)
+        if average_gradients:
+            grads = jax.lax.pmean(grads, AXIS)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        model = eqx.tree_at(lambda m: m.seen.value, model, model.seen.value + x.shape[0])
+        return model, opt_state, jax.lax.pmean(loss, AXIS)
+
+    return step
+
+
+def init(key, n_devices):
+    # Parameters replicated (axis None), the per-device counter along axis 0.
+    model = ep.pmap2_new_states(
+        build, {"key": key}, state_out_axes={None: eqx.is_inexact_array, 0: OfType(ep.ShortTermState)}
+    )
+    assert model.seen.value.shape == (n_devices,)
+    return model
+
+
+def shard_batch(x, n_devices):
+    return x.reshape(n_devices, x.shape[0] // n_devices, *x.shape[1:])
+
+
+def train(steps=20, batch=256, lr=1e-2, seed=0, average_gradients=True, log=None):
+    """Trains for `steps` steps; returns the model, the optimizer state and the losses."""
+    n = jax.device_count()
+    key_model, key_data = jax.random.split(jax.random.key(seed))
+    model = init(key_model, n)
+    optimizer = optax.adam(lr)
+    opt_state = ep.pmap2(lambda m: optimizer.init(eqx.filter(m, eqx.is_inexact_array)), axis_name=AXIS)(model)
+    step = make_step(optimizer, average_gradients)
+    losses = []
+    for i in range(steps):
+        x, y = make_data(jax.random.fold_in(key_data, i), batch)
+        model, opt_state, loss = step(model, opt_state, shard_batch(x, n), shard_batch(y, n))
+        losses.append(loss)
+        if log is not None:
+            log(i, loss)
+    return model, opt_state, [float(v) for v in losses]
+
+
+def main():
+    print(f"{jax.device_count()} devices")
+
+    def log(i, loss):
+        if i % 20 == 0 or i == 199:
+            print(f"step {i:4d}  loss {float(loss):.5f}")
+
+    model, opt_state, losses = train(steps=200, log=log)
+    print(ep.describe(model))
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; samples seen per device: {model.seen.value.tolist()}")
+
+
+if __name__ == "__main__":
+    main()
