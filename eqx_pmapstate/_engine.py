@@ -18,6 +18,7 @@ per call signature:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -99,7 +100,7 @@ class Decided(NamedTuple):
 
 
 _cache: dict = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def _abstract(x):
@@ -243,6 +244,37 @@ class Compiled:
         return [keystr(self.plan.array_paths[i]) for i, b in zip(self.plan.checked, bad) if b]
 
 
+@contextlib.contextmanager
+def _all_gather_typed_invariant():
+    """While the abstract traces run, `jax.lax.all_gather` types its result as invariant.
+
+    Its result is the same on every device, but JAX 0.10 types it as varying by default
+    (for its transpose rule), so without this the trace could not tell that an
+    `all_gather`ed value is replicated. Only the decisions are traced this way; the real
+    program is traced with JAX's own `all_gather`. (This patches a private function of JAX
+    0.10.2, the pinned version; `tests/test_pmap2.py` pins the behaviour.)
+    """
+    from jax._src.lax import parallel
+
+    original = getattr(parallel, "_all_gather", None)
+    invariant = getattr(parallel, "all_gather_invariant", None)
+    if original is None or invariant is None:
+        yield
+        return
+
+    def patched(x, axis_name, *, axis_index_groups, axis, tiled, is_async):
+        if axis_index_groups is None and not is_async:
+            return invariant(x, axis_name, axis=axis, tiled=tiled)
+        return original(x, axis_name, axis_index_groups=axis_index_groups, axis=axis, tiled=tiled, is_async=is_async)
+
+    with _lock:
+        parallel._all_gather = patched
+        try:
+            yield
+        finally:
+            parallel._all_gather = original
+
+
 def _squeeze_mapped(xs, in_axes):
     return [x if a is None else jnp.squeeze(x, a) for x, a in zip(xs, in_axes)]
 
@@ -254,37 +286,55 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
     def varying_of(leaf):
         return axis_name in jax.typeof(leaf).manual_axis_type.varying
 
-    def body_trace(*xs, pvary, record_only):
+    def body_trace(*xs, pvary, record_only, typed):
         local = _squeeze_mapped(xs, in_axes)
         if pvary:
             local = [
                 x if varying_of(x) else jax.lax.pcast(x, axis_name, to="varying") for x in local
             ]
         out = fn(local)
-        treedef, infos = _infos(out, local, varying_of)
+        # Untyped: nothing is known of what varies, so everything counts as varying.
+        treedef, infos = _infos(out, local, varying_of if typed else lambda _: True)
         if record_only:
             holder["alone"] = [info.varying for info in infos]
             return []
         if "alone" in holder:
             infos = [info._replace(varying_alone=a) for info, a in zip(infos, holder["alone"], strict=True)]
-        plan = holder["plan"] = _plan_from(treedef, infos, decide(out, infos))
+        try:
+            decided = decide(out, infos)
+        except Exception as e:
+            holder["decide_error"] = e
+            raise
+        plan = holder["plan"] = _plan_from(treedef, infos, decided)
         arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
         return [a[None] for a in arrays]
 
     abstract = [_abstract(x) for x in dyn]
 
-    def trace(pvary, record_only):
-        body = functools.partial(body_trace, pvary=pvary, record_only=record_only)
-        jax.eval_shape(
-            jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=True),
-            *abstract,
-        )
+    def trace(pvary, record_only, typed=True):
+        body = functools.partial(body_trace, pvary=pvary, record_only=record_only, typed=typed)
+        with _all_gather_typed_invariant():
+            jax.eval_shape(
+                jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=typed),
+                *abstract,
+            )
 
-    if pvary_inputs:
-        # First with replicated inputs invariant, then as per-device copies (the real
-        # program's semantics); `decide` sees both.
-        trace(False, True)
-    trace(pvary_inputs, False)
+    try:
+        if pvary_inputs:
+            # First with replicated inputs invariant, then as per-device copies (the real
+            # program's semantics); `decide` sees both.
+            trace(False, True)
+        trace(pvary_inputs, False)
+    except Exception:
+        if "decide_error" in holder:
+            raise
+        # JAX 0.10's typing of what varies over the axis cannot follow everything: a
+        # collective over a `jax.vmap` axis inside the body, for one, fails to trace with
+        # `check_vma=True`. Trace without it, knowing nothing of what varies: every output
+        # counts as varying (`varying_alone` unknown), and every replicated one is checked
+        # at run time. An error of the function itself is raised again here, as itself.
+        holder.clear()
+        trace(False, False, typed=False)
     plan: Plan = holder["plan"]
     array_axes = [v for k, v in plan.kinds if k == "array"]
     out_specs = [axis_spec(axis_name, a) for a in array_axes]

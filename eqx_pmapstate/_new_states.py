@@ -18,7 +18,7 @@ from ._keys import fn_key, value_key
 from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
 from ._state import State
-from ._tree import is_arraylike, iter_states, keystr, paths_str
+from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr, paths_str
 
 
 def _has_init_state(x) -> bool:
@@ -62,20 +62,10 @@ def _init_all(module, kwargs: Mapping, used: set):
 
 def _broadcast_axes(name: str, prefix, value) -> list:
     """`init_in_axes[name]`, a pytree prefix of `value`, as one axis per leaf of `value`."""
-    if prefix is None or isinstance(prefix, (int, np.integer)):
-        return [prefix] * len(jtu.tree_leaves(value))
     try:
-        full = jtu.tree_map(
-            lambda a, sub: jtu.tree_map(lambda _: a, sub),
-            prefix,
-            value,
-            is_leaf=lambda x: x is None,
-        )
+        return broadcast_prefix(prefix, value)
     except ValueError as e:
-        raise ValueError(
-            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}"
-        ) from None
-    return jtu.tree_leaves(full, is_leaf=lambda x: x is None)
+        raise ValueError(f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}") from None
 
 
 def _check_in_axis(name, path, leaf, axis, n) -> int | None:

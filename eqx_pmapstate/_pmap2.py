@@ -16,7 +16,7 @@ from ._assign import assign_axis, normalize_axis, normalize_out_axes
 from ._keys import _ById, value_key
 from ._mesh import _UNKNOWN, read_axis, resolve_mesh
 from ._state import State
-from ._tree import is_arraylike, iter_states, paths_str
+from ._tree import broadcast_prefix, is_arraylike, iter_states, paths_str
 
 
 class StateAxes:
@@ -76,7 +76,7 @@ def _out_where(path) -> str:
 
 def _leaf_sig(x):
     if isinstance(x, jax.Array):
-        return (x.shape, x.dtype, x.weak_type, x.sharding)
+        return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)
     if isinstance(x, (np.ndarray, np.generic)):
         return (np.shape(x), x.dtype, None)
     return value_key(x)
@@ -84,13 +84,10 @@ def _leaf_sig(x):
 
 def _prefix_axes(prefix, tree) -> list:
     """A pytree prefix of axes (ints, None, or callables of a leaf) as one entry per leaf."""
-    if prefix is None or isinstance(prefix, (int, np.integer)) or callable(prefix):
-        return [prefix] * len(jtu.tree_leaves(tree))
     try:
-        full = jtu.tree_map(lambda a, sub: jtu.tree_map(lambda _: a, sub), prefix, tree, is_leaf=lambda x: x is None)
+        return broadcast_prefix(prefix, tree)
     except ValueError as e:
         raise ValueError(f"The axes given are not a pytree prefix of the tree they apply to: {e}") from None
-    return jtu.tree_leaves(full, is_leaf=lambda x: x is None)
 
 
 class _Entry:
@@ -190,6 +187,12 @@ class Pmap2:
                 axis = None if g is None else normalize_axis_in(int(g), np.ndim(x), path)
             else:
                 raise TypeError(f"The axis for {_where(path)} must be an int or None, but got {g!r}.")
+            if axis is not None and np.ndim(x) == 0:
+                raise ValueError(
+                    f"`pmap2` maps every array not already laid out on the mesh over its axis 0, "
+                    f"but {_where(path)} is a scalar (0-d). Mark it replicated with an `in_axes` "
+                    "of None, or lay it out with `jax.device_put(x, NamedSharding(mesh, P()))`."
+                )
             if axis is not None and np.shape(x)[axis] != n:
                 raise ValueError(
                     f"`pmap2` maps {_where(path)} over its axis {axis}, of length "
@@ -202,13 +205,22 @@ class Pmap2:
             dyn_index.append(i)
 
         # Rule 1: the arguments whose layout an output of the same structure takes.
+        def arg_start_of(a_idx):
+            return len(jtu.tree_leaves(args[:a_idx]))
+
         candidates = []
         for a_idx, arg in enumerate(args):
             arg_leaves = jtu.tree_leaves(arg)
             on_mesh = isinstance(arg, jax.Array) and read_axis(arg, self.axis_name, mesh) is not _UNKNOWN
             if is_arraylike(arg) and not on_mesh:
                 continue
-            candidates.append((jtu.tree_structure(arg), a_idx, len(arg_leaves)))
+            bare = None
+            if is_arraylike(arg):  # compared with the per-device view of the output
+                local = list(np.shape(arg))
+                if layout_of_leaf[arg_start_of(a_idx)] is not None:
+                    del local[layout_of_leaf[arg_start_of(a_idx)]]
+                bare = (tuple(local), jax.numpy.result_type(arg))
+            candidates.append((jtu.tree_structure(arg), a_idx, bare))
         arg_start = []
         count = 0
         for arg in args:
@@ -223,7 +235,11 @@ class Pmap2:
             # when the two have the same structure.
             structure = jtu.tree_structure(sub)
             ordered = sorted(candidates, key=lambda c: c[1] != prefer)
-            for struct, a_idx, _ in ordered:
+            for struct, a_idx, bare in ordered:
+                if bare is not None and (
+                    not is_arraylike(sub) or (np.shape(sub), jax.numpy.result_type(sub)) != bare
+                ):
+                    continue  # a bare array passes its layout only to an array like it
                 if struct == structure:
                     start = arg_start[a_idx]
                     return [layout_of_leaf[start + j] if (start + j) in dyn_pos else _DEFAULT
@@ -257,7 +273,9 @@ class Pmap2:
                 if w is _DEFAULT:
                     # Rule 2: replicated when the trace shows it the same everywhere; also when
                     # only the replicated inputs make it vary (checked at run time).
-                    axis = 0 if info.varying_alone else None
+                    # (`varying_alone` is None when JAX could not type the trace: then a
+                    # device axis, as `jax.pmap` gives.)
+                    axis = None if info.varying_alone is False else 0
                 else:
                     axis = normalize_axis(w, np.ndim(info.leaf), info.path)
                     if axis is None and info.varying_alone:

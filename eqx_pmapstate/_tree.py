@@ -54,3 +54,12 @@ def paths_str(paths, limit: int = 6) -> str:
     paths = list(paths)
     shown = ", ".join(paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def broadcast_prefix(prefix, tree) -> list:
+    """A pytree prefix of `tree` (whose leaves are axes: ints, None, or anything that is a
+    pytree leaf) as one entry per leaf of `tree`. Raises ValueError if it is no prefix."""
+    if prefix is None or isinstance(prefix, int) or callable(prefix):
+        return [prefix] * len(jtu.tree_leaves(tree))
+    full = jtu.tree_map(lambda a, sub: jtu.tree_map(lambda _: a, sub), prefix, tree, is_leaf=lambda x: x is None)
+    return jtu.tree_leaves(full, is_leaf=lambda x: x is None)

@@ -1,0 +1,187 @@
+"""Stateful Equinox layers: `eqx.nn.make_with_state` under `pmap2_new_states`, BatchNorm
+statistics averaged over all devices inside a `pmap2` step, and per-device dropout keys."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import eqx_pmapstate as ep
+from eqx_pmapstate.filters import OfType
+
+
+N = 8
+B = 5  # samples per device
+MOMENTUM = 0.9
+
+
+def _spec(x):
+    spec = list(x.sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return tuple(spec)
+
+
+def _arrays(tree):
+    return [x for x in jtu.tree_leaves(tree) if isinstance(x, jax.Array)]
+
+
+class Net(eqx.Module):
+    linear: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 4, key=key)
+        self.bn = eqx.nn.BatchNorm(4, axis_name=("batch", "devices"), mode="batch", momentum=MOMENTUM)
+
+    def __call__(self, x, state):
+        return self.bn(self.linear(x), state)
+
+
+_AXES = {0: OfType(eqx.nn.State), None: ...}
+
+
+def _make(key):
+    return ep.pmap2_new_states(eqx.nn.make_with_state(Net), {"key": key}, state_out_axes=_AXES)
+
+
+def test_make_with_state_model_replicated_state_per_device(leaks):
+    key = jax.random.key(0)
+    model, state = _make(key)
+    ref_model, ref_state = eqx.nn.make_with_state(Net)(key)
+    assert isinstance(model, Net) and isinstance(state, eqx.nn.State)
+
+    # the model: replicated, the same shapes and values as built on one device
+    leaves, ref_leaves = _arrays(model), _arrays(ref_model)
+    assert len(leaves) == len(ref_leaves) > 0
+    for x, r in zip(leaves, ref_leaves):
+        assert x.shape == r.shape
+        assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh.axis_names == ("devices",)
+        assert _spec(x) == () and x.sharding.is_fully_replicated
+        np.testing.assert_allclose(np.asarray(x), np.asarray(r), rtol=1e-6)
+
+    # the state: one copy per device, along axis 0
+    leaves, ref_leaves = _arrays(state), _arrays(ref_state)
+    assert len(leaves) == len(ref_leaves) > 0
+    for x, r in zip(leaves, ref_leaves):
+        assert x.shape == (N,) + r.shape
+        assert _spec(x) == ("devices",)
+        for i in range(N):
+            np.testing.assert_array_equal(np.asarray(x)[i], np.asarray(r))
+    mean, var = state.get(model.bn.batch_state_index)
+    assert mean.shape == (N, 4) and var.shape == (N, 4)
+    assert state.get(model.bn.batch_counter).shape == (N,)
+
+
+@ep.pmap2
+def _bn_step(model, state, x):
+    out, state = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    return out, state
+
+
+def _expected_stats(model, x):
+    """BatchNorm's statistics over the whole global batch, with numpy."""
+    w = np.asarray(model.linear.weight, np.float64)
+    b = np.asarray(model.linear.bias, np.float64)
+    h = x.reshape(-1, x.shape[-1]).astype(np.float64) @ w.T + b  # (N * B, 4)
+    mean = h.mean(0)
+    var = ((h - mean) ** 2).mean(0)  # biased, as equinox's pmean of squares gives
+    return h, mean, var
+
+
+def test_batch_norm_statistics_over_all_devices(leaks):
+    key = jax.random.key(1)
+    model, state = _make(key)
+    before = [(x.shape, x.sharding) for x in _arrays(state)]
+    x = np.asarray(jax.random.normal(jax.random.key(2), (N, B, 3))) * np.arange(1, N + 1, dtype=np.float32)[:, None, None]
+
+    out, new_state = _bn_step(model, state, x)
+
+    # the state keeps its per-device layout
+    assert isinstance(new_state, eqx.nn.State)
+    assert [(a.shape, a.sharding) for a in _arrays(new_state)] == before
+
+    h, mean, var = _expected_stats(model, x)
+    hidden_mean, hidden_var = new_state.get(model.bn.batch_state_index)
+    # equinox's update from hidden_mean = 0, hidden_var = 1:
+    # hidden * momentum + batch_stat * (1 - momentum), the same on every device
+    expected_mean = 0.0 * MOMENTUM + mean * (1 - MOMENTUM)
+    expected_var = 1.0 * MOMENTUM + var * (1 - MOMENTUM)
+    np.testing.assert_allclose(np.asarray(hidden_mean), np.broadcast_to(expected_mean, (N, 4)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(hidden_var), np.broadcast_to(expected_var, (N, 4)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(new_state.get(model.bn.batch_counter)), np.ones(N))
+
+    # the outputs are normalised with the global statistics
+    assert out.shape == (N, B, 4)
+    expected_out = (h - mean) / np.sqrt(var + model.bn.eps)
+    np.testing.assert_allclose(np.asarray(out).reshape(-1, 4), expected_out, rtol=1e-4, atol=1e-5)
+
+    # a second step, from the returned state
+    out2, state2 = _bn_step(model, new_state, x)
+    hidden_mean2, _ = state2.get(model.bn.batch_state_index)
+    np.testing.assert_allclose(
+        np.asarray(hidden_mean2),
+        np.broadcast_to(expected_mean * MOMENTUM + mean * (1 - MOMENTUM), (N, 4)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(np.asarray(state2.get(model.bn.batch_counter)), np.full(N, 2))
+    assert [(a.shape, a.sharding) for a in _arrays(state2)] == before
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+class DropNet(eqx.Module):
+    dropout: eqx.nn.Dropout
+
+    def __init__(self):
+        self.dropout = eqx.nn.Dropout(p=0.5)
+
+    def __call__(self, x, key):
+        return self.dropout(x, key=key)
+
+
+@ep.pmap2
+def _drop(model, x, key):
+    return model(x, key)
+
+
+def test_per_device_dropout_keys(leaks):
+    model = DropNet()
+    x = np.ones((N, 64), np.float32)  # identical inputs on every device
+    keys = jax.random.split(jax.random.key(0), N)
+    out = _drop(model, x, keys)
+    assert out.shape == (N, 64)
+    masks = np.asarray(out) != 0
+    assert len({m.tobytes() for m in masks}) == N  # a different mask on each device
+    for i in range(N):  # each the mask of its own key
+        np.testing.assert_array_equal(np.asarray(out)[i], np.asarray(model(jnp.ones(64), keys[i])))
+    assert 0 < masks.mean() < 1
+
+
+@pytest.mark.parametrize("how", ["in_axes", "laid_out"])
+def test_replicated_dropout_key(how, leaks):
+    model = DropNet()
+    x = np.ones((N, 64), np.float32)
+    key = jax.random.key(3)
+    if how == "in_axes":
+        fn = ep.pmap2(lambda model, x, key: model(x, key), in_axes=(None, 0, None))
+        out = fn(model, x, key)
+    else:
+        mesh = Mesh(np.array(jax.devices()), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+        # (returned in a dict: a bare array output would take the layout of the bare
+        # laid-out key argument by rule 1)
+        out = ep.pmap2(lambda model, x, key: {"y": model(x, key)})(
+            model, x, jax.device_put(key, NamedSharding(mesh, P()))
+        )["y"]
+    out = np.asarray(out)
+    assert out.shape == (N, 64)
+    expected = np.asarray(model(jnp.ones(64), key))
+    assert 0 < (expected != 0).mean() < 1
+    for i in range(N):  # the same mask on every device
+        np.testing.assert_array_equal(out[i], expected)
