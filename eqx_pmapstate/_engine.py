@@ -206,6 +206,7 @@ class Compiled:
         self.run = run  # the jitted program, over the list of dynamic inputs
         self.in_shardings = in_shardings
         self.extra_out = extra_out  # whether the last output is the check's flags or token
+        self._only_arrays = all(kind == "array" for kind, _ in plan.kinds)
 
     def place(self, dyn: Sequence) -> list:
         """`dyn`, with every input moved to the layout the program expects."""
@@ -227,6 +228,8 @@ class Compiled:
         return self.assemble(dyn, outs), extra
 
     def assemble(self, dyn, outs):
+        if self._only_arrays:
+            return self.plan.treedef.unflatten(outs)
         it = iter(outs)
         leaves = []
         for kind, value in self.plan.kinds:
