@@ -19,8 +19,25 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) benchmarks/bench_init.py
+# brainstate (the reference the init benchmark compares with) lives in its own venv.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV) || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet brainstate==0.5.4 jax==0.10.2 jaxlib==0.10.2
+	touch $@
+
+bench: $(STAMP) $(BENCH_VENV)/.installed
+	$(PY) benchmarks/bench_init.py --brainstate-python $(BENCH_VENV)/bin/python --rounds 2
+	$(PY) benchmarks/bench_step.py
+
+DOCS_VENV := .venv-docs
+$(DOCS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DOCS_VENV) || python3 -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_VENV)/.installed
+	$(DOCS_VENV)/bin/mkdocs build --strict -d site
 
 clean:
-	rm -rf $(VENV) site
+	rm -rf $(VENV) $(BENCH_VENV) $(DOCS_VENV) site

@@ -18,6 +18,7 @@ per call signature:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -51,6 +52,20 @@ class _HideReplicationErrors(logging.Filter):
 
 
 logging.getLogger("jax._src.callback").addFilter(_HideReplicationErrors())
+
+
+@atexit.register
+def _forget_failed_checks():
+    # A failed run-time check leaves JAX's runtime tokens holding the error, which JAX's
+    # own exit handler would raise again (and print) at interpreter exit, after the user
+    # has already seen and handled it. Registered after JAX's handler, this runs first.
+    try:
+        from jax._src import dispatch
+
+        dispatch.runtime_tokens.block_until_ready()
+    except Exception as e:
+        if "ReplicationError" in str(e):
+            dispatch.runtime_tokens.clear()
 
 
 def replication_message(paths, axis_name) -> str:

@@ -48,6 +48,12 @@ class Filter(eqx.Module):
     def __and__(self, other):
         return All(self, other)
 
+    def __ror__(self, other):
+        return Any(other, self)
+
+    def __rand__(self, other):
+        return All(other, self)
+
     def __invert__(self):
         return Not(self)
 

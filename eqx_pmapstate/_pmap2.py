@@ -58,7 +58,12 @@ class StateAxes:
         return out
 
 
-_DEFAULT = object()
+class _Default:
+    def __repr__(self):
+        return "<default>"
+
+
+_DEFAULT = _Default()  # "not given": the layout rules of the docstring apply
 
 
 def _where(path) -> str:
