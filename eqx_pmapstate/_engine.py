@@ -3,17 +3,20 @@
 A per-device function is run over one named axis: a mesh axis through
 `jax.jit(jax.shard_map(...))`, or a batch axis through `jax.jit(jax.vmap(...))`. Where each
 output goes (which axis, or replicated, or handed back as the very input it is) is only
-known once the function has been traced, so the engine works in two steps, both cached
-per call signature:
+known once the function has been traced, so the engine works in two steps, both done once
+per call signature and cached:
 
-1. an abstract trace (`jax.eval_shape`, nothing compiled or run) with `check_vma=True`,
-   which tells for each output whether it varies over the axis, and in which a `decide`
-   callback, given every output leaf with its path, picks its layout;
+1. abstract traces (`jax.eval_shape`: nothing is compiled or run) with `check_vma=True`,
+   which tell for each output whether it varies over the axis. For `pmap2` there are two:
+   one with the replicated inputs invariant, one with them as per-device copies, the
+   semantics of the real program. A `decide` callback, given every output leaf with its
+   path and these findings, picks its layout. Where JAX cannot type a body (a collective
+   over a `vmap` axis inside it), one untyped trace stands in and nothing is assumed;
 2. the real program, `shard_map` with `check_vma=False` (`jax.pmap`'s semantics: a
    replicated input acts as an identical copy on each device), whose `out_specs` are the
    decisions of step 1. Outputs that must be replicated but that the trace could not prove
-   identical get a run-time check: one checksum per leaf, compared with a single
-   `pmax`/`pmin` pair.
+   identical are checked at run time: two hashes per leaf, compared across the axis with a
+   single `pmax`.
 """
 
 from __future__ import annotations

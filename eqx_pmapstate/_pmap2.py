@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from . import _engine
 from ._assign import assign_axis, normalize_axis, normalize_out_axes
 from ._keys import _ById, value_key
-from ._mesh import _UNKNOWN, read_axis, resolve_mesh
+from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
 from ._state import State
 from ._tree import broadcast_prefix, is_arraylike, iter_states, paths_str
 
@@ -76,7 +76,7 @@ def _where(path) -> str:
 
 
 def _out_where(path) -> str:
-    return "the output" + (jtu.keystr(path) if path else "")
+    return "output" + (jtu.keystr(path) if path else "")
 
 
 def _leaf_sig(x):
@@ -210,27 +210,19 @@ class Pmap2:
             dyn_index.append(i)
 
         # Rule 1: the arguments whose layout an output of the same structure takes.
-        def arg_start_of(a_idx):
-            return len(jtu.tree_leaves(args[:a_idx]))
-
+        arg_start = list(np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args[:-1]])) if args else []
         candidates = []
         for a_idx, arg in enumerate(args):
-            arg_leaves = jtu.tree_leaves(arg)
             on_mesh = isinstance(arg, jax.Array) and read_axis(arg, self.axis_name, mesh) is not _UNKNOWN
             if is_arraylike(arg) and not on_mesh:
                 continue
             bare = None
             if is_arraylike(arg):  # compared with the per-device view of the output
                 local = list(np.shape(arg))
-                if layout_of_leaf[arg_start_of(a_idx)] is not None:
-                    del local[layout_of_leaf[arg_start_of(a_idx)]]
+                if layout_of_leaf[arg_start[a_idx]] is not None:
+                    del local[layout_of_leaf[arg_start[a_idx]]]
                 bare = (tuple(local), jax.numpy.result_type(arg))
             candidates.append((jtu.tree_structure(arg), a_idx, bare))
-        arg_start = []
-        count = 0
-        for arg in args:
-            arg_start.append(count)
-            count += len(jtu.tree_leaves(arg))
         dyn_pos = {leaf_i: d for d, leaf_i in enumerate(dyn_index)}
         donated = set(self._donated(args, dyn_index, arg_start))
 
@@ -294,8 +286,8 @@ class Pmap2:
                     check.add(i)
             if surely:
                 raise ValueError(
-                    f"{paths_str(surely)[0].upper()}{paths_str(surely)[1:]} must come back replicated (the same on every device "
-                    f"of the axis {self.axis_name!r}), but the trace shows it varying over the "
+                    f"The output at {paths_str(surely)} must come back replicated (the same on "
+                    f"every device of the axis {self.axis_name!r}), but the trace shows it varying over the "
                     "axis: it is computed from mapped inputs (or `jax.lax.axis_index`) without a "
                     "collective such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce it over "
                     "the axis, or return it with a device axis (`out_axes=0`)."
@@ -332,8 +324,6 @@ class Pmap2:
     def _needs_put(self, x, mesh, axis) -> bool:
         if not isinstance(x, jax.Array):
             return True
-        from ._mesh import axis_spec
-
         return x.sharding != NamedSharding(mesh, axis_spec(self.axis_name, axis))
 
     def _donated(self, args, dyn_index, arg_start) -> list[int]:
