@@ -81,7 +81,11 @@ def _out_where(path) -> str:
 
 def _leaf_sig(x):
     if isinstance(x, jax.Array):
-        return (x.shape, x.dtype, getattr(x, "weak_type", False), x.sharding)
+        try:
+            sharding = x.sharding
+        except AttributeError:  # a tracer: `pmap2` called inside another transformation
+            return jax.typeof(x)
+        return (x.shape, x.dtype, getattr(x, "weak_type", False), sharding)
     if isinstance(x, (np.ndarray, np.generic)):
         return (np.shape(x), x.dtype, None)
     return value_key(x)
@@ -322,9 +326,7 @@ class Pmap2:
         return _Entry(compiled, tuple(dyn_index), put)
 
     def _needs_put(self, x, mesh, axis) -> bool:
-        if not isinstance(x, jax.Array):
-            return True
-        return x.sharding != NamedSharding(mesh, axis_spec(self.axis_name, axis))
+        return getattr(x, "sharding", None) != NamedSharding(mesh, axis_spec(self.axis_name, axis))
 
     def _donated(self, args, dyn_index, arg_start) -> list[int]:
         if self.donate == "none":
