@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import eqx_pmapstate as ep
+from layout_helpers import _spec
 from eqx_pmapstate.filters import (
     All,
     Any,
@@ -27,12 +28,6 @@ D = jtu.DictKey
 S = jtu.SequenceKey
 
 
-def _spec(x):
-    """The PartitionSpec of a global array as a tuple, trailing Nones dropped."""
-    spec = list(x.sharding.spec)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return tuple(spec)
 
 
 # --------------------------------------------------------------------------- shorthands

@@ -11,38 +11,17 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
+from layout_helpers import _idx, _spec, assert_laid_out
 from eqx_pmapstate.filters import OfType, WithTag
 
 
 N = 8
 
 
-def _spec(x):
-    """The PartitionSpec of a global array as a tuple, trailing Nones dropped."""
-    spec = list(x.sharding.spec)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return tuple(spec)
 
 
-def assert_laid_out(x, axis, n=N, name="devices"):
-    """`x` is a global jax.Array on a 1-D mesh `name` of `n` devices, with `name` at
-    position `axis` of its spec (None: replicated)."""
-    assert isinstance(x, jax.Array)
-    s = x.sharding
-    assert isinstance(s, NamedSharding)
-    assert s.mesh.axis_names == (name,)
-    assert s.mesh.devices.shape == (n,)
-    if axis is None:
-        assert _spec(x) == ()
-        assert s.is_fully_replicated
-    else:
-        assert _spec(x) == (None,) * axis + (name,)
-        assert x.shape[axis] == n
 
 
-def _idx(name="devices"):
-    return jax.lax.axis_index(name).astype(jnp.float32)
 
 
 def _shards(x):

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
+from layout_helpers import _spec
 from eqx_pmapstate.filters import OfType
 
 
@@ -19,11 +20,6 @@ B = 5  # samples per device
 MOMENTUM = 0.9
 
 
-def _spec(x):
-    spec = list(x.sharding.spec)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return tuple(spec)
 
 
 def _arrays(tree):
