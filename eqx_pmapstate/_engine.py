@@ -155,32 +155,47 @@ def _mix(h):
     return h ^ (h >> 16)
 
 
-def checksum(x) -> jax.Array:
-    """Two independent uint32 hashes of the bits of `x` (and of where each word is).
+def _hash_words(w, pos):
+    # Two independent hashes of each word, mixed with its position, so that differences
+    # in several words do not cancel out in the sum the way they can in a weighted sum.
+    a = _mix(w ^ _mix(pos + jnp.uint32(0x9E3779B9)))
+    b = _mix((w + jnp.uint32(0x7F4A7C15)) ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1)))
+    return jnp.stack([a, b], axis=-1)
 
-    Each word is mixed with its position through a non-linear hash before summing, so
-    differences in several words do not cancel out the way they can in a weighted sum.
-    """
-    w = _words(jnp.asarray(x))
-    pos = jnp.arange(w.size, dtype=jnp.uint32)
-    a = jnp.sum(_mix(w ^ _mix(pos + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
-    b = jnp.sum(_mix((w + jnp.uint32(0x7F4A7C15)) ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1))), dtype=jnp.uint32)
-    return jnp.stack([a, b])
+
+_SMALL = 1 << 16  # arrays of at most this many words are hashed together, in one pass
 
 
 def checksums(xs: Sequence) -> jax.Array:
-    """`checksum` of each array of `xs`, as one (len(xs), 2) array, computed in one pass
-    over all their words rather than one small reduction per array."""
+    """Two uint32 hashes of the bits of each array of `xs`, as a `(len(xs), 2)` array.
+
+    Large arrays are hashed and summed one by one (fused, no copy); small ones are
+    concatenated and hashed in one pass, which costs far less than many tiny reductions.
+    Nothing of the size of the arrays is baked into the program as a constant.
+    """
     words = [_words(jnp.asarray(x)) for x in xs]
-    sizes = [w.size for w in words]
-    w = jnp.concatenate(words) if words else jnp.zeros((0,), jnp.uint32)
-    segment = np.repeat(np.arange(len(words), dtype=np.int32), sizes)
-    starts = np.repeat(np.cumsum([0] + sizes[:-1]).astype(np.uint32), sizes)
-    pos = jnp.arange(w.size, dtype=jnp.uint32) - jnp.asarray(starts)
-    a = _mix(w ^ _mix(pos + jnp.uint32(0x9E3779B9)))
-    b = _mix((w + jnp.uint32(0x7F4A7C15)) ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1)))
-    both = jnp.stack([a, b], axis=1)
-    return jax.ops.segment_sum(both, jnp.asarray(segment), num_segments=len(words), indices_are_sorted=True)
+    out: list = [None] * len(words)
+    small = [i for i, w in enumerate(words) if w.size <= _SMALL]
+    for i, w in enumerate(words):
+        if w.size > _SMALL:
+            out[i] = jnp.sum(_hash_words(w, jnp.arange(w.size, dtype=jnp.uint32)), axis=0, dtype=jnp.uint32)
+    if small:
+        bounds = np.cumsum([0] + [words[i].size for i in small]).astype(np.int32)
+        cat = jnp.concatenate([words[i] for i in small])
+        iota = jnp.arange(cat.size, dtype=jnp.int32)
+        starts = jnp.asarray(bounds[:-1])
+        # Which array each word belongs to: a running count of the starts passed.
+        segment = jnp.cumsum(jnp.zeros(cat.size, jnp.int32).at[starts].add(1, mode="drop")) - 1
+        pos = (iota - starts[segment]).astype(jnp.uint32)
+        sums = jax.ops.segment_sum(_hash_words(cat, pos), segment, num_segments=len(small), indices_are_sorted=True)
+        for k, i in enumerate(small):
+            out[i] = sums[k]
+    return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
+
+
+def checksum(x) -> jax.Array:
+    """`checksums` of one array: its two hashes."""
+    return checksums([x])[0]
 
 
 def same_bits(x, y) -> jax.Array:

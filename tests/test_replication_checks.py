@@ -44,10 +44,20 @@ def test_checksum_sees_differences_that_cancel_in_a_weighted_sum():
     np.testing.assert_array_equal(checksum(nan), checksum(nan + 0))
 
 
-def test_checksums_in_one_pass_equal_one_by_one():
+def test_checksums_of_small_and_large_arrays_together():
+    from eqx_pmapstate import _engine
     from eqx_pmapstate._engine import checksums
 
-    xs = [jnp.arange(5.0), jnp.ones((2, 3), jnp.int32), jnp.array(True), jax.random.key(0)]
-    together = checksums(xs)
+    big = jnp.arange(_engine._SMALL + 5, dtype=jnp.float32)
+    xs = [jnp.arange(5.0), big, jnp.ones((2, 3), jnp.int32), jnp.zeros((0,)), jnp.array(True), jax.random.key(0)]
+    together = np.asarray(checksums(xs))
+    assert together.shape == (len(xs), 2)
+    # Each row depends only on its own array, wherever it stands and whatever is beside it.
     for i, x in enumerate(xs):
         np.testing.assert_array_equal(together[i], checksum(x))
+    alone = np.asarray(checksums(xs[::-1]))[::-1]
+    np.testing.assert_array_equal(together, alone)
+    # One changed word in the large array or in a small one changes its row only.
+    changed = np.asarray(checksums([xs[0].at[4].set(7.0), big.at[_engine._SMALL + 2].set(-1.0)] + xs[2:]))
+    assert not np.array_equal(changed[0], together[0]) and not np.array_equal(changed[1], together[1])
+    np.testing.assert_array_equal(changed[2:], together[2:])
