@@ -79,13 +79,22 @@ def _out_where(path) -> str:
     return "output" + (jtu.keystr(path) if path else "")
 
 
+def _signature(leaves) -> tuple:
+    """What a call's compiled program depends on, leaf by leaf: shape, dtype and layout of
+    the arrays, and the values of everything else (weak types are left to `jax.jit`)."""
+    try:  # the common case, every leaf a concrete jax.Array: one quick pass
+        return tuple([(x.shape, x.dtype, x.sharding) for x in leaves])
+    except AttributeError:
+        return tuple(map(_leaf_sig, leaves))
+
+
 def _leaf_sig(x):
     if isinstance(x, jax.Array):
         try:
             sharding = x.sharding
         except AttributeError:  # a tracer: `pmap2` called inside another transformation
             return jax.typeof(x)
-        return (x.shape, x.dtype, getattr(x, "weak_type", False), sharding)
+        return (x.shape, x.dtype, sharding)
     if isinstance(x, (np.ndarray, np.generic)):
         return (np.shape(x), x.dtype, None)
     return value_key(x)
@@ -136,7 +145,7 @@ class Pmap2:
 
     def __call__(self, *args, **kwargs):
         leaves, treedef = jtu.tree_flatten((args, kwargs))
-        key = (treedef, tuple(map(_leaf_sig, leaves)))
+        key = (treedef, _signature(leaves))
         entry = self._cache.get(key)
         if entry is None:
             entry = self._build(args, kwargs, leaves, treedef, key)
