@@ -1,4 +1,5 @@
-"""`pmap2` inside other transformations: `jax.jit` and `jax.grad` around it."""
+"""`pmap2` inside other transformations (`jax.jit`, `jax.grad`), and inputs that differ only
+in their weak type."""
 
 import jax
 import jax.numpy as jnp
@@ -38,3 +39,18 @@ def test_grad_through_pmap2():
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     g = jax.grad(f)(w, x)
     np.testing.assert_allclose(np.asarray(g), x.sum(0))
+
+
+def test_weak_and_strong_inputs_share_the_layout_decisions():
+    mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    per = NamedSharding(mesh, P("devices"))
+    add = ep.pmap2(lambda x, y: x + y)
+    strong = jax.device_put(jnp.ones((8, 3), jnp.bfloat16), per)
+    weak = jax.device_put(jnp.broadcast_to(jnp.asarray(2.0), (8, 3)), per)  # weak float32
+    assert weak.weak_type and not strong.weak_type
+    with jax.numpy_dtype_promotion("standard"):
+        a = add(strong, jax.device_put(jnp.ones((8, 3), jnp.float32), per))
+        b = add(strong, weak)  # same shapes, dtypes and layouts: only the weak type differs
+    assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16  # jax.jit's promotion, per call
+    np.testing.assert_array_equal(np.asarray(b, np.float32), np.full((8, 3), 3.0))
+    assert b.sharding == per
