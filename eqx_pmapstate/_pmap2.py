@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from . import _engine
+from ._engine import ReplicationError, replication_message
 from ._assign import assign_axis, normalize_axis, normalize_out_axes
 from ._keys import _ById, value_key
 from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
@@ -123,6 +124,8 @@ class Pmap2:
     def __init__(self, fun, *, axis_name, in_axes, out_axes, donate, check_replicated, devices):
         if not callable(fun):
             raise TypeError(f"`pmap2` needs a callable, but got {fun!r}.")
+        if check_replicated not in (True, False, "sync"):
+            raise ValueError(f"`check_replicated` must be True, False or 'sync', but got {check_replicated!r}.")
         if donate not in ("all", "all-except-first", "none"):
             raise ValueError(f"`donate` must be 'all', 'all-except-first' or 'none', but got {donate!r}.")
         if not isinstance(axis_name, str) or not axis_name:
@@ -156,7 +159,11 @@ class Pmap2:
             dyn = compiled.place(dyn)
         outs = compiled.run(*dyn)
         if compiled.extra_out:
-            outs = outs[:-1]
+            *outs, extra = outs
+            if self.check_replicated == "sync":
+                bad = compiled.mismatched(extra)  # waits for this call
+                if bad:
+                    raise ReplicationError(replication_message(bad, self.axis_name))
         return compiled.assemble(dyn, outs)
 
     # -- building, once per signature
@@ -327,7 +334,7 @@ class Pmap2:
             axis_name=self.axis_name,
             pvary_inputs=True,
             donate=sorted(donated),
-            check="raise" if self.check_replicated else "off",
+            check={True: "raise", False: "off", "sync": "flags"}[self.check_replicated],
         )
         put = any(
             self._needs_put(leaves[i], mesh, a) for i, a in zip(dyn_index, in_axes)
@@ -360,7 +367,7 @@ def pmap2(
     in_axes: Any = ...,
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
-    check_replicated: bool = True,
+    check_replicated: bool | Literal["sync"] = True,
     devices: Sequence[jax.Device] | Mesh | None = None,
 ) -> Callable[[Callable], Pmap2]: ...
 
@@ -373,7 +380,7 @@ def pmap2(
     in_axes: Any = ...,
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
-    check_replicated: bool = True,
+    check_replicated: bool | Literal["sync"] = True,
     devices: Sequence[jax.Device] | Mesh | None = None,
 ) -> Pmap2: ...
 
@@ -410,17 +417,25 @@ def pmap2(
     - `out_axes`: by default, (1) an output whose tree structure equals that of an
         argument takes that argument's layout leaf by leaf (tried on the whole output,
         then on each element of a returned tuple; an argument counts unless it is a bare
-        array not already laid out on the mesh), and (2) any other leaf comes back
-        replicated when the trace shows it the same on every device (the result of
-        `psum`, `pmean`, `all_gather`, a constant), and with a device axis at 0 otherwise.
+        array not already laid out on the mesh, and a bare array only to an array of its
+        per-device shape and dtype), the argument at the same position first; and (2) any
+        other leaf comes back replicated when the trace shows it the same on every device
+        (the result of `psum`, `pmean`, `all_gather`, a constant) or when only the
+        replicated inputs make it vary (then it is checked at run time, see below: a
+        gradient with respect to a replicated parameter, returned without `pmean`, fails
+        that check; return it with `out_axes=0`), and with a device axis at 0 otherwise.
         Override in the same two forms as `in_axes`.
     - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
     - `check_replicated`: replication is never assumed. An output that must come back
         replicated but that the trace shows varying is a `ValueError` at trace time; one
         that the trace cannot settle (a parameter updated with a `pmean`'d gradient) is
-        compared across devices at run time by one checksum per leaf and one
-        `pmax`/`pmin` pair, and a mismatch fails the call, no later than when its results
-        are waited on, with an error naming the leaf. `False` turns the run-time check off.
+        compared across devices at run time by two hashes per leaf and one `pmax`, and a
+        mismatch fails the call, no later than when its results are waited on, with an
+        error naming the leaf. The error reaches you as a
+        `jax.errors.JaxRuntimeError` whose message holds the `ReplicationError`'s text.
+        `"sync"` instead waits for each call's check and raises
+        [`eqx_pmapstate.ReplicationError`][] itself, at the cost of the asynchronous
+        dispatch; `False` turns the run-time check off.
     - `devices`: devices or a `Mesh` to use when no input is laid out on a mesh yet.
 
     **Returns:**

@@ -4,6 +4,7 @@ in their weak type."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,3 +55,22 @@ def test_weak_and_strong_inputs_share_the_layout_decisions():
     assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16  # jax.jit's promotion, per call
     np.testing.assert_array_equal(np.asarray(b, np.float32), np.full((8, 3), 3.0))
     assert b.sharding == per
+
+
+def test_sync_check_raises_replication_error_itself():
+    w = _replicated(jnp.zeros(3))
+    x = np.arange(8, dtype=np.float32).reshape(8, 1)
+
+    def drift(w, x):  # a gradient step without pmean: the copies of w drift apart
+        return w - jax.grad(lambda w: jnp.sum(w * x.sum()))(w)
+
+    with pytest.raises(ep.ReplicationError, match=r"<root>.*pmean"):
+        ep.pmap2(drift, check_replicated="sync")(w, x)
+
+    def fine(w, x):
+        return w - jax.lax.pmean(jax.grad(lambda w: jnp.sum(w * x.sum()))(w), "devices")
+
+    out = ep.pmap2(fine, check_replicated="sync")(w, x)
+    np.testing.assert_allclose(np.asarray(out), np.full(3, -3.5))
+    with pytest.raises(ValueError, match="check_replicated"):
+        ep.pmap2(fine, check_replicated="yes")
