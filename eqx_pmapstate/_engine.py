@@ -499,7 +499,8 @@ def compiled(
 
     **Arguments:**
 
-    - `key`: everything about `fn` and `decide` that is not in the inputs (hashable).
+    - `key`: everything about `fn` and `decide` that is not in the inputs (hashable), or
+        None for a caller that keeps its own cache.
     - `fn`: takes the list of per-device inputs (mapped axes removed), returns a pytree.
     - `dyn`: the global input arrays.
     - `in_axes`: per input, the position of its mapped axis, or None for replicated.
@@ -515,18 +516,13 @@ def compiled(
         results fail when waited on), or `"off"`.
     """
     sig = (key, mesh, axis_name, axis_size, tuple(in_axes), tuple(aval_key(x) for x in dyn), pvary_inputs, tuple(donate), check)
-    entry = _cache.get(sig)
+    entry = _cache.get(sig) if key is not None else None
     if entry is None:
         if mesh is not None:
             entry = _build_sharded(fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate, check)
         else:
             entry = _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate)
-        with _lock:
-            _cache[sig] = entry
+        if key is not None:
+            with _lock:
+                _cache[sig] = entry
     return entry
-
-
-def clear_cache() -> None:
-    """Forgets every compiled program."""
-    with _lock:
-        _cache.clear()

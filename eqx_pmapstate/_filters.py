@@ -265,10 +265,6 @@ def to_predicate(filter) -> Filter:
     )
 
 
-def _is_catch_all(f: Filter) -> bool:
-    return isinstance(f, Everything)
-
-
 __all__: Sequence[str] = (
     "Filter",
     "OfType",

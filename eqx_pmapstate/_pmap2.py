@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from . import _engine
 from ._engine import ReplicationError, replication_message
 from ._assign import assign_axis, normalize_axis, normalize_out_axes
-from ._keys import _ById, value_key
+from ._keys import value_key
 from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
 from ._state import State
 from ._tree import broadcast_prefix, is_arraylike, iter_states, paths_str
@@ -139,7 +139,6 @@ class Pmap2:
         self.check_replicated = check_replicated
         self.devices = devices
         self._cache: dict = {}
-        self._token = _ById(self)
 
     def __get__(self, instance, owner=None):
         if instance is None:
@@ -325,7 +324,7 @@ class Pmap2:
             return fun(*call_args, **call_kwargs)
 
         compiled = _engine.compiled(
-            (self._token, key),
+            None,  # cached in `self._cache`, which dies with this function
             fn,
             [leaves[i] for i in dyn_index],
             in_axes,

@@ -20,10 +20,6 @@ def is_arraylike(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def is_state(x) -> bool:
-    return isinstance(x, State)
-
-
 def iter_states(tree) -> Iterator[StateRef]:
     """Yields every state of `tree`: each outermost marker, and each array leaf outside any
     marker, in the order of `jax.tree_util.tree_flatten`."""
