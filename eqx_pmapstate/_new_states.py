@@ -194,13 +194,20 @@ def _new_states(
     kw_is_array = tuple(is_arraylike(x) for _, x in kw_flat)
     key = (what, init_form, module_key, kw_def, kw_is_array, tuple(statics), spec, state_tag)
 
-    # --- the per-device function
+    # --- the per-device function. It keeps no array of this call (the compiled program
+    # outlives it in the cache): arrays are slots, filled from the per-device inputs.
+    _SLOT = object()
+    mod_template = [_SLOT if is_arraylike(x) else x for _, x in mod_flat]
+    kw_template = [_SLOT if is_arraylike(x) else x for _, x in kw_flat]
+    del mod_flat, kw_flat
+    build = None if init_form else module  # an init-form module's arrays are not kept
+
     def rebuild(local):
         it = iter(local)
         mod = None
         if init_form:
-            mod = mod_def.unflatten([next(it) if is_arraylike(x) else x for _, x in mod_flat])
-        kw_leaves = [next(it) if is_arraylike(x) else x for _, x in kw_flat]
+            mod = mod_def.unflatten([next(it) if x is _SLOT else x for x in mod_template])
+        kw_leaves = [next(it) if x is _SLOT else x for x in kw_template]
         kwargs = dict(zip(kw_names, kw_def.unflatten(kw_leaves)))
         return mod, kwargs
 
@@ -216,7 +223,7 @@ def _new_states(
                     "in `init_kwargs`. Check their names against the `init_state` signatures."
                 )
         else:
-            out = module(**kwargs)
+            out = build(**kwargs)
         if state_tag is not None:
             out = _tag_new_markers(out, held_paths, state_tag)
         return out

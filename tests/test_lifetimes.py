@@ -3,6 +3,9 @@
 import gc
 import weakref
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import eqx_pmapstate as ep
@@ -15,3 +18,23 @@ def test_a_dropped_pmap2_function_is_freed():
     del f
     gc.collect()
     assert ref() is None
+
+
+class _Holder(eqx.Module):
+    w: jax.Array
+    s: ep.State | None = None
+
+    def init_state(self):
+        return _Holder(self.w, ep.State(jnp.zeros(2)))
+
+
+def test_the_compiled_init_keeps_no_array_of_the_call():
+    w = jnp.ones(3)
+    key = jax.random.key(0)
+    ref_w, ref_key = weakref.ref(w), weakref.ref(key)
+    out = ep.pmap2_new_states(_Holder(w))
+    out2 = ep.pmap2_new_states(lambda key: jax.random.normal(key, (2,)), {"key": key})
+    assert out.w is w and out2.shape == (8, 2)
+    del w, key, out, out2
+    gc.collect()
+    assert ref_w() is None and ref_key() is None
