@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
+from ._keys import fn_key
 from ._state import State
 
 
@@ -174,10 +175,21 @@ class Nothing(Filter):
         return False
 
 
-class _LeafPredicate(Filter):
+class _FunctionFilter(Filter):
+    # Compares by the function's code and closure, so that a lambda written inline in a
+    # function called again is the same filter, and compilation caches keep hitting.
+    fn: Callable = eqx.field(static=True)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and fn_key(other.fn) == fn_key(self.fn)
+
+    def __hash__(self):
+        return hash((type(self), fn_key(self.fn)))
+
+
+class _LeafPredicate(_FunctionFilter):
     # An Equinox-style leaf filter such as `eqx.is_inexact_array`, asked about the
     # state's value (every array of it, for a marker holding a pytree).
-    fn: Callable[[_AnyType], bool] = eqx.field(static=True)
 
     def __call__(self, path, state, ancestors=()):
         value = state.value if isinstance(state, State) else state
@@ -187,9 +199,8 @@ class _LeafPredicate(Filter):
         return len(leaves) > 0 and all(bool(self.fn(leaf)) for leaf in leaves)
 
 
-class _PathPredicate(Filter):
+class _PathPredicate(_FunctionFilter):
     # A user function `(path, state) -> bool`.
-    fn: Callable[[tuple, _AnyType], bool] = eqx.field(static=True)
 
     def __call__(self, path, state, ancestors=()):
         return bool(self.fn(path, state))

@@ -38,3 +38,20 @@ def test_the_compiled_init_keeps_no_array_of_the_call():
     del w, key, out, out2
     gc.collect()
     assert ref_w() is None and ref_key() is None
+
+
+def test_an_inline_lambda_filter_does_not_recompile():
+    traces = []
+
+    def make():
+        traces.append(1)
+        return {"a": jnp.zeros(3), "b": jnp.ones(3)}
+
+    def create():  # a fresh lambda on every call
+        return ep.pmap2_new_states(make, state_out_axes={None: lambda path, state: path[0].key == "a"})
+
+    first = create()
+    n = len(traces)
+    second = create()
+    assert len(traces) == n  # not traced again
+    assert first["a"].shape == (3,) and second["b"].shape == (8, 3)
