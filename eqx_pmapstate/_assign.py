@@ -60,3 +60,21 @@ def normalize_axis(axis: int | None, ndim: int, path) -> int | None:
             f"{ndim} dimension(s): the new axis can go at positions {-(ndim + 1)} to {ndim}."
         )
     return pos
+
+
+def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
+    """Where input axis `axis` (maybe negative) is in `leaf`, checked: an int, in range,
+    of length `n`. `where` names the input in messages; `fix` says what to do instead."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"The axis for {where} must be an int or None, but got {axis!r}.")
+    ndim = np.ndim(leaf)
+    pos = int(axis) + ndim if axis < 0 else int(axis)
+    if not 0 <= pos < ndim:
+        what = "it is a scalar (0-d)" if ndim == 0 else f"it has only {ndim} dimension(s)"
+        raise ValueError(f"{where} is to be mapped over its axis {axis}, but {what}. {fix}")
+    if np.shape(leaf)[pos] != n:
+        raise ValueError(
+            f"{where} is to be mapped over its axis {axis}, of length {np.shape(leaf)[pos]}, but "
+            f"the mapped axis has size {n}. {fix}"
+        )
+    return pos

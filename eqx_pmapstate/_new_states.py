@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import _engine
-from ._assign import assign_axis, normalize_axis, normalize_out_axes
+from ._assign import assign_axis, mapped_axis, normalize_axis, normalize_out_axes
 from ._keys import fn_key, value_key
 from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
@@ -71,25 +71,16 @@ def _broadcast_axes(name: str, prefix, value) -> list:
 def _check_in_axis(name, path, leaf, axis, n) -> int | None:
     if axis is None:
         return None
-    where = f"argument {name!r}" + (f" at {keystr(path)}" if path else "")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"`init_in_axes` for {where} must be an int or None, but got {axis!r}.")
+    where = f"The argument {name!r}" + (f" at {keystr(path)}" if path else "")
     if not is_arraylike(leaf):
         raise ValueError(
-            f"`init_in_axes` maps {where} along axis {axis}, but it is {type(leaf).__name__}, "
+            f"`init_in_axes` maps {where[4:]} along axis {axis}, but it is {type(leaf).__name__}, "
             "not an array. Only arrays can be mapped; give it axis None."
         )
-    ndim = np.ndim(leaf)
-    pos = axis + ndim if axis < 0 else axis
-    if not 0 <= pos < ndim:
-        raise ValueError(f"`init_in_axes` maps {where} along axis {axis}, but it has only {ndim} dimension(s).")
-    if np.shape(leaf)[pos] != n:
-        raise ValueError(
-            f"`init_in_axes` maps {where} along axis {axis}, whose length is "
-            f"{np.shape(leaf)[pos]}, but the axis has size {n}. Give it one entry per "
-            f"device (or ensemble member), for example `jax.random.split(key, {n})`."
-        )
-    return int(pos)
+    return mapped_axis(
+        axis, leaf, n, where,
+        f"Give it one entry per device (or ensemble member), for example `jax.random.split(key, {n})`.",
+    )
 
 
 def _with_tag(marker: State, tag: str) -> State:

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from . import _engine
 from ._engine import ReplicationError, replication_message
-from ._assign import assign_axis, normalize_axis, normalize_out_axes
+from ._assign import assign_axis, mapped_axis, normalize_axis, normalize_out_axes
 from ._keys import value_key
 from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
 from ._state import State
@@ -206,24 +206,12 @@ class Pmap2:
                 g = g(x)
             here = read_axis(x, self.axis_name, mesh) if isinstance(x, jax.Array) else _UNKNOWN
             if g is _DEFAULT:
-                axis = 0 if here is _UNKNOWN else here
-            elif g is None or isinstance(g, (int, np.integer)):
-                axis = None if g is None else normalize_axis_in(int(g), np.ndim(x), path)
-            else:
-                raise TypeError(f"The axis for {_where(path)} must be an int or None, but got {g!r}.")
-            if axis is not None and np.ndim(x) == 0:
-                raise ValueError(
-                    f"`pmap2` maps every array not already laid out on the mesh over its axis 0, "
-                    f"but {_where(path)} is a scalar (0-d). Mark it replicated with an `in_axes` "
-                    "of None, or lay it out with `jax.device_put(x, NamedSharding(mesh, P()))`."
-                )
-            if axis is not None and np.shape(x)[axis] != n:
-                raise ValueError(
-                    f"`pmap2` maps {_where(path)} over its axis {axis}, of length "
-                    f"{np.shape(x)[axis]}, but the axis {self.axis_name!r} has {n} devices. Give it "
-                    f"an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, ...)), or "
-                    "mark it replicated with an `in_axes` of None."
-                )
+                g = 0 if here is _UNKNOWN else here
+            axis = None if g is None else mapped_axis(
+                g, x, n, f"The input {_where(path)}",
+                f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, ...)), "
+                "or mark it replicated with an `in_axes` of None.",
+            )
             layout_of_leaf[i] = axis
             in_axes.append(axis)
             dyn_index.append(i)
@@ -350,13 +338,6 @@ class Pmap2:
             return list(range(len(dyn_index)))
         first_end = arg_start[1] if len(arg_start) > 1 else (len(jtu.tree_leaves(args)) if args else 0)
         return [d for d, i in enumerate(dyn_index) if i >= first_end]
-
-
-def normalize_axis_in(axis: int, ndim: int, path) -> int:
-    pos = axis + ndim if axis < 0 else axis
-    if not 0 <= pos < ndim:
-        raise ValueError(f"The axis {axis} given for {_where(path)} is out of range: it has {ndim} dimension(s).")
-    return pos
 
 
 @overload
