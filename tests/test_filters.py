@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import eqx_pmapstate as ep
-from layout_helpers import _spec
+from helpers import BNNet, _spec
 from eqx_pmapstate.filters import (
     All,
     Any,
@@ -175,18 +175,11 @@ def test_oftype_matches_inside_an_instance_directly():
     assert OfType((eqx.nn.BatchNorm, eqx.nn.Linear))((), lin.weight, ancestors=(lin,))
 
 
-class _Net(eqx.Module):
-    linear: eqx.nn.Linear
-    bn: eqx.nn.BatchNorm
-
-    def __init__(self, key):
-        self.linear = eqx.nn.Linear(3, 2, key=key)
-        self.bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="ema")
 
 
 def test_oftype_batchnorm_and_state_in_pmap2_new_states(leaks):
     net, state = ep.pmap2_new_states(
-        eqx.nn.make_with_state(_Net),
+        eqx.nn.make_with_state(BNNet),
         {"key": jax.random.key(0)},
         state_out_axes={None: OfType(eqx.nn.BatchNorm), -1: OfType(eqx.nn.State)},
     )

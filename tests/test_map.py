@@ -10,28 +10,14 @@ from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType
+from helpers import ParallelModel, _none
 
 
 N = 8
 
 
-def _none(x):
-    return x is None
 
 
-class ParallelModel(eqx.Module):
-    """The reference page's model, with a `__call__`."""
-
-    weight: ep.ParamState | None = None
-    bias: ep.ParamState | None = None
-
-    def init_state(self, layer_size):
-        weight = ep.ParamState(jax.random.normal(jax.random.PRNGKey(0), (layer_size,)))
-        bias = ep.ParamState(jnp.zeros(layer_size))
-        return eqx.tree_at(lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none)
-
-    def __call__(self, x):
-        return x * self.weight.value[None] + self.bias.value[None]  # x: (batch, features)
 
 
 class MemberModel(eqx.Module):

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
-from layout_helpers import _idx, _spec, assert_laid_out
+from helpers import BNNet, _idx, _spec, assert_laid_out
 from eqx_pmapstate.filters import OfType, PathContains, WithTag
 
 
@@ -186,13 +186,6 @@ def test_factory_function(leaks):
     np.testing.assert_array_equal(np.asarray(out["n"].value), np.arange(4))
 
 
-class BNNet(eqx.Module):
-    linear: eqx.nn.Linear
-    bn: eqx.nn.BatchNorm
-
-    def __init__(self, key):
-        self.linear = eqx.nn.Linear(3, 2, key=key)
-        self.bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="ema")
 
 
 def test_make_with_state(leaks):

@@ -10,10 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType, PathContains
-
-
-def _none(x):
-    return x is None
+from helpers import ParallelModel, _none  # the page's second example's model
 
 
 # --------------------------------------------------------------------------- example 1
@@ -40,16 +37,6 @@ def test_example_1_basic_parallel_initialization(leaks):
 
 
 # --------------------------------------------------------------------------- example 2
-
-
-class ParallelModel(eqx.Module):
-    weight: ep.ParamState | None = None
-    bias: ep.ParamState | None = None
-
-    def init_state(self, layer_size):
-        weight = ep.ParamState(jax.random.normal(jax.random.PRNGKey(0), (layer_size,)))
-        bias = ep.ParamState(jnp.zeros(layer_size))
-        return eqx.tree_at(lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none)
 
 
 def test_example_2_device_sharded_parameters(leaks):

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
-from layout_helpers import _spec
+from helpers import _spec
 from eqx_pmapstate.filters import OfType
 
 

@@ -1,8 +1,11 @@
-"""Assertions about layouts, shared by the test files."""
+"""Layout assertions and small models shared by the test files."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
+
+import eqx_pmapstate as ep
 
 N = 8  # the tests force 8 CPU devices
 
@@ -36,3 +39,33 @@ def assert_laid_out(x, axis, n=N, name="devices", devices=None):
 
 def _idx(name="devices"):
     return jax.lax.axis_index(name).astype(jnp.float32)
+
+
+def _none(x):
+    return x is None
+
+
+class ParallelModel(eqx.Module):
+    """The reference page's second example, with a `__call__` for `Map`."""
+
+    weight: ep.ParamState | None = None
+    bias: ep.ParamState | None = None
+
+    def init_state(self, layer_size):
+        weight = ep.ParamState(jax.random.normal(jax.random.PRNGKey(0), (layer_size,)))
+        bias = ep.ParamState(jnp.zeros(layer_size))
+        return eqx.tree_at(lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none)
+
+    def __call__(self, x):
+        return x * self.weight.value[None] + self.bias.value[None]  # x: (batch, features)
+
+
+class BNNet(eqx.Module):
+    """A Linear and a BatchNorm, for `eqx.nn.make_with_state`."""
+
+    linear: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 2, key=key)
+        self.bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="ema")
