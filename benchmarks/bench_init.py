@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 
+
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 TARGET = 1.2
 MARK = "BENCH_RESULT "
@@ -81,7 +82,9 @@ def _summary(jax, arrays, n_devices, shape) -> dict:
         "dtype": str(arrays[0].dtype),
         "n_devices_used": len(arrays[0].sharding.device_set),
         "shards_differ": bool(not np.array_equal(first[0], first[1])),
-        "checksum": float(first.astype(np.float64).sum() + last.astype(np.float64).sum()),
+        "checksum": float(
+            first.astype(np.float64).sum() + last.astype(np.float64).sum()
+        ),
     }
 
 
@@ -118,15 +121,21 @@ def variant_a(args) -> dict:
 
     def make(key):
         ks = jax.random.split(key, n)
-        return [eqx_pmapstate.ParamState(jax.random.normal(ks[i], shape)) for i in range(n)]
+        return [
+            eqx_pmapstate.ParamState(jax.random.normal(ks[i], shape)) for i in range(n)
+        ]
 
     def call(keys):
-        return eqx_pmapstate.pmap2_new_states(make, {"key": keys}, init_in_axes={"key": 0})
+        return eqx_pmapstate.pmap2_new_states(
+            make, {"key": keys}, init_in_axes={"key": 0}
+        )
 
     def summarize(out):
         return _summary(jax, [s.value for s in out], args.devices, shape)
 
-    timed = _time_calls(jax, call, lambda i: (_keys(jax, i, args.devices),), args.repeats, summarize)
+    timed = _time_calls(
+        jax, call, lambda i: (_keys(jax, i, args.devices),), args.repeats, summarize
+    )
     where = os.path.dirname(os.path.dirname(os.path.abspath(eqx_pmapstate.__file__)))
     return {**timed, "note": f"eqx_pmapstate {eqx_pmapstate.__version__} from {where}"}
 
@@ -136,17 +145,24 @@ def variant_b(args) -> dict:
     from jax.sharding import PartitionSpec as P
 
     n, shape = args.states, (args.shape, args.shape)
-    mesh = jax.make_mesh((args.devices,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (args.devices,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
 
     def body(key):  # key: (1, 2), this device's key
         ks = jax.random.split(key[0], n)
         return [jax.random.normal(ks[i], shape)[None] for i in range(n)]
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("devices"), out_specs=P("devices")))
+    f = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=P("devices"), out_specs=P("devices"))
+    )
+
     def summarize(out):
         return _summary(jax, out, args.devices, shape)
 
-    timed = _time_calls(jax, f, lambda i: (_keys(jax, i, args.devices),), args.repeats, summarize)
+    timed = _time_calls(
+        jax, f, lambda i: (_keys(jax, i, args.devices),), args.repeats, summarize
+    )
     return {**timed, "note": f"jax {jax.__version__}"}
 
 
@@ -169,7 +185,9 @@ def variant_c(args) -> dict:
 
         def init_state(self):
             ks = jax.random.split(self.rng.value, n)
-            self.ws = [brainstate.ParamState(jax.random.normal(ks[i], shape)) for i in range(n)]
+            self.ws = [
+                brainstate.ParamState(jax.random.normal(ks[i], shape)) for i in range(n)
+            ]
 
     def call(seed):
         module = Many(seed)
@@ -200,9 +218,18 @@ LABELS = {
 
 def _run_child(variant: str, args, python: str) -> dict:
     cmd = [
-        python, os.path.abspath(__file__), "--variant", variant,
-        "--states", str(args.states), "--shape", str(args.shape),
-        "--repeats", str(args.repeats), "--devices", str(args.devices),
+        python,
+        os.path.abspath(__file__),
+        "--variant",
+        variant,
+        "--states",
+        str(args.states),
+        "--shape",
+        str(args.shape),
+        "--repeats",
+        str(args.repeats),
+        "--devices",
+        str(args.devices),
     ]
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
@@ -210,33 +237,60 @@ def _run_child(variant: str, args, python: str) -> dict:
         env["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={args.devices}".strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=args.timeout
+        )
     except FileNotFoundError:
         return {"skipped": f"the interpreter {python!r} was not found"}
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
+            return json.loads(line[len(MARK) :])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
     return {"error": f"exit code {proc.returncode}:\n    " + "\n    ".join(tail)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--states", type=int, default=200, help="number of states (default 200)")
-    p.add_argument("--shape", type=int, default=256, help="each state is (shape, shape) (default 256)")
-    p.add_argument("--devices", type=int, default=8, help="number of CPU devices (default 8)")
-    p.add_argument("--repeats", type=int, default=3, help="repeated calls to take the median of (default 3)")
-    p.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved (default 1)")
-    p.add_argument("--variants", default="abc", help="which variants to run (default abc)")
+    p.add_argument(
+        "--states", type=int, default=200, help="number of states (default 200)"
+    )
+    p.add_argument(
+        "--shape",
+        type=int,
+        default=256,
+        help="each state is (shape, shape) (default 256)",
+    )
+    p.add_argument(
+        "--devices", type=int, default=8, help="number of CPU devices (default 8)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="repeated calls to take the median of (default 3)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="fresh processes per variant, interleaved (default 1)",
+    )
+    p.add_argument(
+        "--variants", default="abc", help="which variants to run (default abc)"
+    )
     p.add_argument(
         "--brainstate-python",
         default=os.environ.get("BRAINSTATE_PYTHON") or sys.executable,
         help="interpreter for variant (c) (default: $BRAINSTATE_PYTHON, else this one)",
     )
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per variant")
-    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child mode
+    p.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds allowed per variant"
+    )
+    p.add_argument(
+        "--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS
+    )  # child mode
     args = p.parse_args(argv)
 
     if args.variant is not None:
@@ -251,7 +305,9 @@ def main(argv=None) -> int:
         f"median of {args.repeats} calls; {args.rounds} round(s), variants interleaved"
     )
     if load > 0.5:
-        print(f"note: load average {load:.2f} at start; other processes distort wall times (see CPU times)")
+        print(
+            f"note: load average {load:.2f} at start; other processes distort wall times (see CPU times)"
+        )
     results: dict = {v: [] for v in args.variants}
     for rnd in range(args.rounds):
         for v in args.variants:
@@ -283,12 +339,20 @@ def main(argv=None) -> int:
     print(f"| {'variant':<{w}} | " + " | ".join(heads) + " |")
     print(f"| {'-' * w} | " + " | ".join("-" * len(h) for h in heads) + " |")
     for v, st in stats.items():
-        print(f"| {LABELS[v]:<{w}} | " + " | ".join(f"{fmt(x):>{len(h)}}" for x, h in zip(st, heads)) + " |")
+        print(
+            f"| {LABELS[v]:<{w}} | "
+            + " | ".join(f"{fmt(x):>{len(h)}}" for x, h in zip(st, heads))
+            + " |"
+        )
     print()
     for v, rs in results.items():
         for r in rs:
             if "skipped" in r:
-                print("brainstate not installed: skipped" if v == "c" else f"{LABELS[v]}: skipped")
+                print(
+                    "brainstate not installed: skipped"
+                    if v == "c"
+                    else f"{LABELS[v]}: skipped"
+                )
                 print(f"    ({r['skipped']})")
             elif "error" in r:
                 print(f"{LABELS[v]}: FAILED: {r['error']}")
@@ -300,25 +364,39 @@ def main(argv=None) -> int:
                     f"shards differ {r['shards_differ']}, checksum {r['checksum']:.6g}"
                     + (f"; {r['note']}" if r["note"] else "")
                 )
-    sums = {r["checksum"] for v in ("a", "b") for r in results.get(v, []) if "checksum" in r}
+    sums = {
+        r["checksum"] for v in ("a", "b") for r in results.get(v, []) if "checksum" in r
+    }
     if len(sums) > 1:
         print("WARNING: (a) and (b) made different values from the same keys")
     print()
 
     def ratio(x, y, k):
-        return None if x not in stats or y not in stats or None in (stats[x][k], stats[y][k]) else stats[x][k] / stats[y][k]
+        return (
+            None
+            if x not in stats or y not in stats or None in (stats[x][k], stats[y][k])
+            else stats[x][k] / stats[y][k]
+        )
 
     def show(r):
         return "n/a" if r is None else f"{r:.3g}"
 
     ab_first, ab_rep = ratio("a", "b", 0), ratio("a", "b", 1)
-    print(f"a/b first call:    {show(ab_first)}   (CPU time: {show(ratio('a', 'b', 2))})")
+    print(
+        f"a/b first call:    {show(ab_first)}   (CPU time: {show(ratio('a', 'b', 2))})"
+    )
     print(f"a/b repeated call: {show(ab_rep)}   (CPU time: {show(ratio('a', 'b', 3))})")
-    print(f"a/c first call:    {show(ratio('a', 'c', 0))}   (CPU time: {show(ratio('a', 'c', 2))})")
-    print(f"a/c repeated call: {show(ratio('a', 'c', 1))}   (CPU time: {show(ratio('a', 'c', 3))})")
+    print(
+        f"a/c first call:    {show(ratio('a', 'c', 0))}   (CPU time: {show(ratio('a', 'c', 2))})"
+    )
+    print(
+        f"a/c repeated call: {show(ratio('a', 'c', 1))}   (CPU time: {show(ratio('a', 'c', 3))})"
+    )
     if ab_first is not None and ab_rep is not None:
         met = ab_first <= TARGET and ab_rep <= TARGET
-        print(f"target: both a/b ratios (wall) at most {TARGET}: {'met' if met else 'NOT met'}")
+        print(
+            f"target: both a/b ratios (wall) at most {TARGET}: {'met' if met else 'NOT met'}"
+        )
     else:
         print(f"target: both a/b ratios (wall) at most {TARGET}: not measured")
     return 0

@@ -9,7 +9,10 @@ ratios to the floor are what matter. Run: `.venv/bin/python benchmarks/bench_ste
 import argparse
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -17,8 +20,10 @@ import time  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+from jax.sharding import (
+    NamedSharding,  # noqa: E402
+    PartitionSpec as P,  # noqa: E402
+)
 
 import eqx_pmapstate as ep  # noqa: E402
 
@@ -53,7 +58,11 @@ def bench_trivial(n_leaves, repeats, calls, with_filter_pmap=True):
 
     floor = jax.jit(body)
     spec = [P("devices")] * n_leaves
-    shmap = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False))
+    shmap = jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False
+        )
+    )
     ours = ep.pmap2(body)
     fns = {
         "jax.jit (floor)": lambda: floor(xs),
@@ -72,8 +81,13 @@ def bench_check(n_leaves, repeats, calls):
     mesh = mesh8()
     rep = NamedSharding(mesh, P())
     per = NamedSharding(mesh, P("devices"))
-    params = [jax.device_put(jnp.full((8, 16), float(i)), rep) for i in range(n_leaves // 2)]
-    states = [jax.device_put(jnp.ones((8, 8, 16)), per) for _ in range(n_leaves - n_leaves // 2)]
+    params = [
+        jax.device_put(jnp.full((8, 16), float(i)), rep) for i in range(n_leaves // 2)
+    ]
+    states = [
+        jax.device_put(jnp.ones((8, 8, 16)), per)
+        for _ in range(n_leaves - n_leaves // 2)
+    ]
 
     def body(params, states):
         g = jax.lax.pmean(states[0].sum(), "devices")
@@ -81,7 +95,14 @@ def bench_check(n_leaves, repeats, calls):
 
     on = ep.pmap2(body)
     off = ep.pmap2(body, check_replicated=False)
-    return timed({"check on": lambda: on(params, states), "check off": lambda: off(params, states)}, repeats, calls)
+    return timed(
+        {
+            "check on": lambda: on(params, states),
+            "check off": lambda: off(params, states),
+        },
+        repeats,
+        calls,
+    )
 
 
 def main():
@@ -94,14 +115,18 @@ def main():
 
     res = bench_trivial(args.leaves, args.repeats, args.calls)
     base = res["jax.jit (floor)"]
-    print(f"Per-call time of `x + 1` on {args.leaves} leaves of (8, 16) laid out over 8 CPU devices")
+    print(
+        f"Per-call time of `x + 1` on {args.leaves} leaves of (8, 16) laid out over 8 CPU devices"
+    )
     print(f"(median of {args.repeats} interleaved rounds of {args.calls} calls)")
     for k, v in res.items():
         print(f"  {k:<18} {v * 1e3:8.3f} ms   {v / base:5.2f}x floor")
     print("  target: pmap2 at most 1.15x the floor, and faster than eqx.filter_pmap")
 
     chk = bench_check(args.leaves, args.repeats, args.calls)
-    print(f"\nRun-time replication check, {args.leaves // 2} replicated + {args.leaves - args.leaves // 2} per-device leaves:")
+    print(
+        f"\nRun-time replication check, {args.leaves // 2} replicated + {args.leaves - args.leaves // 2} per-device leaves:"
+    )
     print(
         f"  check on {chk['check on'] * 1e3:.3f} ms, check off {chk['check off'] * 1e3:.3f} ms: "
         f"{chk['check on'] / chk['check off']:.2f}x"

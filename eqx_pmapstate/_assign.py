@@ -21,7 +21,9 @@ def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
         state_out_axes = {0: state_out_axes}
     out = []
     for axis, filt in state_out_axes.items():
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))):
+        if axis is not None and (
+            isinstance(axis, bool) or not isinstance(axis, (int, np.integer))
+        ):
             raise TypeError(
                 f"The keys of `state_out_axes` must be ints (an axis) or None (replicated), "
                 f"but got the key {axis!r} of type {type(axis).__name__}."
@@ -34,7 +36,11 @@ def assign_axis(spec, path, state, ancestors) -> int | None:
     """The axis (as written by the user, maybe negative) of one state."""
     if isinstance(state, NonBatchState):
         return None
-    hits = [axis for axis, f in spec if not isinstance(f, Everything) and f(path, state, ancestors)]
+    hits = [
+        axis
+        for axis, f in spec
+        if not isinstance(f, Everything) and f(path, state, ancestors)
+    ]
     if not hits:
         hits = [axis for axis, f in spec if isinstance(f, Everything)]
     axes = list(dict.fromkeys(hits))
@@ -66,12 +72,18 @@ def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
     """Where input axis `axis` (maybe negative) is in `leaf`, checked: an int, in range,
     of length `n`. `where` names the input in messages; `fix` says what to do instead."""
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"The axis for {where} must be an int or None, but got {axis!r}.")
+        raise TypeError(
+            f"The axis for {where} must be an int or None, but got {axis!r}."
+        )
     ndim = np.ndim(leaf)
     pos = int(axis) + ndim if axis < 0 else int(axis)
     if not 0 <= pos < ndim:
-        what = "it is a scalar (0-d)" if ndim == 0 else f"it has only {ndim} dimension(s)"
-        raise ValueError(f"{where} is to be mapped over its axis {axis}, but {what}. {fix}")
+        what = (
+            "it is a scalar (0-d)" if ndim == 0 else f"it has only {ndim} dimension(s)"
+        )
+        raise ValueError(
+            f"{where} is to be mapped over its axis {axis}, but {what}. {fix}"
+        )
     if np.shape(leaf)[pos] != n:
         raise ValueError(
             f"{where} is to be mapped over its axis {axis}, of length {np.shape(leaf)[pos]}, but "

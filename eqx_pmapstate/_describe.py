@@ -69,34 +69,57 @@ def describe(tree) -> str:
     The table, as a string ready to print. The axis column shows the position of the mapped
     axis, `None` for replicated arrays, and `-` for arrays not laid out over a mapped axis.
     """
-    rows = [("path", "marker", "axis", "global shape", "per-device shape", "dtype", "bytes/device")]
+    rows = [
+        (
+            "path",
+            "marker",
+            "axis",
+            "global shape",
+            "per-device shape",
+            "dtype",
+            "bytes/device",
+        )
+    ]
     total = 0
     for ref in iter_states(tree):
         marker = type(ref.state).__name__ if isinstance(ref.state, State) else "-"
-        sub = jtu.tree_flatten_with_path(ref.state)[0] if isinstance(ref.state, State) else [((), ref.state)]
+        sub = (
+            jtu.tree_flatten_with_path(ref.state)[0]
+            if isinstance(ref.state, State)
+            else [((), ref.state)]
+        )
         for p, leaf in sub:
             if not is_arraylike(leaf):
                 continue
             axis = leaf_axis(leaf) if isinstance(leaf, jax.Array) else _UNKNOWN
             local = _per_device_shape(leaf)
-            dtype = np.dtype(leaf.dtype) if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf.dtype
+            dtype = (
+                np.dtype(leaf.dtype)
+                if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                else leaf.dtype
+            )
             itemsize = getattr(dtype, "itemsize", 0)
             nbytes = int(np.prod(local, dtype=np.int64)) * itemsize
             total += nbytes
-            rows.append((
-                keystr(ref.path + tuple(p)),
-                marker,
-                "-" if axis is _UNKNOWN else str(axis),
-                str(tuple(np.shape(leaf))),
-                str(local),
-                str(dtype),
-                f"{nbytes:,}",
-            ))
+            rows.append(
+                (
+                    keystr(ref.path + tuple(p)),
+                    marker,
+                    "-" if axis is _UNKNOWN else str(axis),
+                    str(tuple(np.shape(leaf))),
+                    str(local),
+                    str(dtype),
+                    f"{nbytes:,}",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {2, 6}
     lines = []
     for k, r in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths))
+        ]
         lines.append("  ".join(cells).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._mesh import axis_spec
 from ._tree import is_arraylike, keystr, paths_str
@@ -105,7 +104,9 @@ class Pass(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     treedef: Any
-    kinds: tuple  # per flat output leaf: ("array", axis) | ("pass", j) | ("static", obj)
+    kinds: (
+        tuple  # per flat output leaf: ("array", axis) | ("pass", j) | ("static", obj)
+    )
     array_paths: tuple  # paths of the "array" leaves, in order
     checked: tuple  # indices into the "array" leaves that need the run-time check
 
@@ -114,7 +115,9 @@ class Decided(NamedTuple):
     """`decide`'s answer: one entry per output leaf, and which replicated leaves to check."""
 
     decisions: Sequence  # int | None | Pass, per leaf; ignored for non-array leaves
-    check: frozenset = frozenset()  # flat indices of replicated leaves to check at run time
+    check: frozenset = (
+        frozenset()
+    )  # flat indices of replicated leaves to check at run time
 
 
 _cache: dict = {}
@@ -124,7 +127,9 @@ _lock = threading.RLock()
 def _abstract(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), weak_type=getattr(x, "weak_type", False))
+    return jax.ShapeDtypeStruct(
+        np.shape(x), jnp.result_type(x), weak_type=getattr(x, "weak_type", False)
+    )
 
 
 def aval_key(x):
@@ -140,7 +145,9 @@ def _words(x):
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     size = x.dtype.itemsize
-    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[size])
+    bits = jax.lax.bitcast_convert_type(
+        x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[size]
+    )
     if size == 8:
         bits = jax.lax.bitcast_convert_type(bits, jnp.uint32)
     return bits.astype(jnp.uint32).ravel()
@@ -159,7 +166,10 @@ def _hash_words(w, pos):
     # Two independent hashes of each word, mixed with its position, so that differences
     # in several words do not cancel out in the sum the way they can in a weighted sum.
     a = _mix(w ^ _mix(pos + jnp.uint32(0x9E3779B9)))
-    b = _mix((w + jnp.uint32(0x7F4A7C15)) ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1)))
+    b = _mix(
+        (w + jnp.uint32(0x7F4A7C15))
+        ^ _mix(pos * jnp.uint32(0x27D4EB2F) + jnp.uint32(1))
+    )
     return jnp.stack([a, b], axis=-1)
 
 
@@ -178,16 +188,28 @@ def checksums(xs: Sequence) -> jax.Array:
     small = [i for i, w in enumerate(words) if w.size <= _SMALL]
     for i, w in enumerate(words):
         if w.size > _SMALL:
-            out[i] = jnp.sum(_hash_words(w, jnp.arange(w.size, dtype=jnp.uint32)), axis=0, dtype=jnp.uint32)
+            out[i] = jnp.sum(
+                _hash_words(w, jnp.arange(w.size, dtype=jnp.uint32)),
+                axis=0,
+                dtype=jnp.uint32,
+            )
     if small:
         bounds = np.cumsum([0] + [words[i].size for i in small]).astype(np.int32)
         cat = jnp.concatenate([words[i] for i in small])
         iota = jnp.arange(cat.size, dtype=jnp.int32)
         starts = jnp.asarray(bounds[:-1])
         # Which array each word belongs to: a running count of the starts passed.
-        segment = jnp.cumsum(jnp.zeros(cat.size, jnp.int32).at[starts].add(1, mode="drop")) - 1
+        segment = (
+            jnp.cumsum(jnp.zeros(cat.size, jnp.int32).at[starts].add(1, mode="drop"))
+            - 1
+        )
         pos = (iota - starts[segment]).astype(jnp.uint32)
-        sums = jax.ops.segment_sum(_hash_words(cat, pos), segment, num_segments=len(small), indices_are_sorted=True)
+        sums = jax.ops.segment_sum(
+            _hash_words(cat, pos),
+            segment,
+            num_segments=len(small),
+            indices_are_sorted=True,
+        )
         for k, i in enumerate(small):
             out[i] = sums[k]
     return jnp.stack(out) if out else jnp.zeros((0, 2), jnp.uint32)
@@ -234,11 +256,15 @@ def _infos(out, local, varying_of) -> tuple[Any, list[LeafInfo]]:
 class Compiled:
     """One compiled program for one call signature."""
 
-    def __init__(self, plan: Plan, run: Callable, in_shardings: tuple | None, extra_out: bool):
+    def __init__(
+        self, plan: Plan, run: Callable, in_shardings: tuple | None, extra_out: bool
+    ):
         self.plan = plan
         self.run = run  # the jitted program, over the list of dynamic inputs
         self.in_shardings = in_shardings
-        self.extra_out = extra_out  # whether the last output is the check's flags or token
+        self.extra_out = (
+            extra_out  # whether the last output is the check's flags or token
+        )
         self._only_arrays = all(kind == "array" for kind, _ in plan.kinds)
 
     def place(self, dyn: Sequence) -> list:
@@ -277,7 +303,11 @@ class Compiled:
     def mismatched(self, flags) -> list[str]:
         """The paths of the checked leaves whose flag is set (waits for the flags)."""
         bad = np.asarray(flags)
-        return [keystr(self.plan.array_paths[i]) for i, b in zip(self.plan.checked, bad) if b]
+        return [
+            keystr(self.plan.array_paths[i])
+            for i, b in zip(self.plan.checked, bad)
+            if b
+        ]
 
 
 @contextlib.contextmanager
@@ -301,7 +331,14 @@ def _all_gather_typed_invariant():
     def patched(x, axis_name, *, axis_index_groups, axis, tiled, is_async):
         if axis_index_groups is None and not is_async:
             return invariant(x, axis_name, axis=axis, tiled=tiled)
-        return original(x, axis_name, axis_index_groups=axis_index_groups, axis=axis, tiled=tiled, is_async=is_async)
+        return original(
+            x,
+            axis_name,
+            axis_index_groups=axis_index_groups,
+            axis=axis,
+            tiled=tiled,
+            is_async=is_async,
+        )
 
     with _lock:
         parallel._all_gather = patched
@@ -315,7 +352,9 @@ def _squeeze_mapped(xs, in_axes):
     return [x if a is None else jnp.squeeze(x, a) for x, a in zip(xs, in_axes)]
 
 
-def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs, donate, check):
+def _build_sharded(
+    fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs, donate, check
+):
     in_specs = tuple(axis_spec(axis_name, a) for a in in_axes)
     holder = {}
 
@@ -326,7 +365,8 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
         local = _squeeze_mapped(xs, in_axes)
         if pvary:
             local = [
-                x if varying_of(x) else jax.lax.pcast(x, axis_name, to="varying") for x in local
+                x if varying_of(x) else jax.lax.pcast(x, axis_name, to="varying")
+                for x in local
             ]
         out = fn(local)
         # Untyped: nothing is known of what varies, so everything counts as varying.
@@ -335,23 +375,38 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
             holder["alone"] = [info.varying for info in infos]
             return []
         if "alone" in holder:
-            infos = [info._replace(varying_alone=a) for info, a in zip(infos, holder["alone"], strict=True)]
+            infos = [
+                info._replace(varying_alone=a)
+                for info, a in zip(infos, holder["alone"], strict=True)
+            ]
         try:
             decided = decide(out, infos)
         except Exception as e:
             holder["decide_error"] = e
             raise
         plan = holder["plan"] = _plan_from(treedef, infos, decided)
-        arrays = [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
+        arrays = [
+            jnp.asarray(info.leaf)
+            for info, (k, _) in zip(infos, plan.kinds)
+            if k == "array"
+        ]
         return [a[None] for a in arrays]
 
     abstract = [_abstract(x) for x in dyn]
 
     def trace(pvary, record_only, typed=True):
-        body = functools.partial(body_trace, pvary=pvary, record_only=record_only, typed=typed)
+        body = functools.partial(
+            body_trace, pvary=pvary, record_only=record_only, typed=typed
+        )
         with _all_gather_typed_invariant():
             jax.eval_shape(
-                jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(axis_name), check_vma=typed),
+                jax.shard_map(
+                    body,
+                    mesh=mesh,
+                    in_specs=in_specs,
+                    out_specs=P(axis_name),
+                    check_vma=typed,
+                ),
                 *abstract,
             )
 
@@ -384,8 +439,13 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
                 "The mapped function returned a different structure when traced a second time; "
                 "it must be a pure function of its inputs."
             )
-        arrays = [jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"]
-        res = [x if a is None else jnp.expand_dims(x, a) for x, a in zip(arrays, array_axes)]
+        arrays = [
+            jnp.asarray(x) for x, (k, _) in zip(leaves, plan.kinds) if k == "array"
+        ]
+        res = [
+            x if a is None else jnp.expand_dims(x, a)
+            for x, a in zip(arrays, array_axes)
+        ]
         if checking:
             sums = checksums([arrays[i] for i in plan.checked])
             # One collective: pmin(x) is ~pmax(~x) for unsigned ints.
@@ -397,7 +457,9 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
                 res.append(
                     jax.lax.cond(
                         jnp.any(flags),
-                        lambda f: jax.pure_callback(raise_if_bad, jax.ShapeDtypeStruct((), jnp.bool_), f),
+                        lambda f: jax.pure_callback(
+                            raise_if_bad, jax.ShapeDtypeStruct((), jnp.bool_), f
+                        ),
                         lambda f: jnp.zeros((), jnp.bool_),
                         flags,
                     )
@@ -417,7 +479,9 @@ def _build_sharded(fn, dyn, in_axes, mesh: Mesh, axis_name, decide, pvary_inputs
 
     if checking:
         out_specs.append(P())
-    mapped = jax.shard_map(body_run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    mapped = jax.shard_map(
+        body_run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
     in_shardings = tuple(NamedSharding(mesh, s) for s in in_specs)
     run = jax.jit(mapped, donate_argnums=tuple(donate))
     return Compiled(plan, run, in_shardings, checking)
@@ -433,11 +497,17 @@ def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
         decided = decide(out, infos)
         plan = _plan_from(treedef, infos, decided)
         holder["plan"] = plan
-        return [jnp.asarray(info.leaf) for info, (k, _) in zip(infos, plan.kinds) if k == "array"]
+        return [
+            jnp.asarray(info.leaf)
+            for info, (k, _) in zip(infos, plan.kinds)
+            if k == "array"
+        ]
 
     abstract = [_abstract(x) for x in dyn]
     vm = dict(axis_name=axis_name, axis_size=axis_size)
-    jax.eval_shape(jax.vmap(body_trace, in_axes=tuple(in_axes), out_axes=0, **vm), *abstract)
+    jax.eval_shape(
+        jax.vmap(body_trace, in_axes=tuple(in_axes), out_axes=0, **vm), *abstract
+    )
     plan: Plan = holder["plan"]
     array_axes = [v for k, v in plan.kinds if k == "array"]
 
@@ -449,14 +519,22 @@ def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
     # compared member by member at run time (exactly, on this one device) and unstacked.
     batched = []
     try:
-        jax.eval_shape(jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm), *abstract)
+        jax.eval_shape(
+            jax.vmap(body_run, in_axes=tuple(in_axes), out_axes=array_axes, **vm),
+            *abstract,
+        )
     except ValueError:
         for i, a in enumerate(array_axes):
             if a is not None:
                 continue
             try:
                 jax.eval_shape(
-                    jax.vmap(lambda *xs, i=i: body_run(*xs)[i], in_axes=tuple(in_axes), out_axes=None, **vm),
+                    jax.vmap(
+                        lambda *xs, i=i: body_run(*xs)[i],
+                        in_axes=tuple(in_axes),
+                        out_axes=None,
+                        **vm,
+                    ),
                     *abstract,
                 )
             except ValueError:
@@ -473,12 +551,16 @@ def _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate):
         flags = []
         for i in batched:
             first = outs[i][0]
-            flags.append(~jnp.all(jax.vmap(lambda m, first=first: same_bits(m, first))(outs[i])))
+            flags.append(
+                ~jnp.all(jax.vmap(lambda m, first=first: same_bits(m, first))(outs[i]))
+            )
             outs[i] = first
         return outs + [jnp.stack(flags)]
 
     plan = dataclasses.replace(plan, checked=tuple(batched))
-    return Compiled(plan, jax.jit(program, donate_argnums=tuple(donate)), None, bool(batched))
+    return Compiled(
+        plan, jax.jit(program, donate_argnums=tuple(donate)), None, bool(batched)
+    )
 
 
 def compiled(
@@ -515,13 +597,27 @@ def compiled(
         the last output), `"raise"` (a `ReplicationError` raised from every device; the
         results fail when waited on), or `"off"`.
     """
-    sig = (key, mesh, axis_name, axis_size, tuple(in_axes), tuple(aval_key(x) for x in dyn), pvary_inputs, tuple(donate), check)
+    sig = (
+        key,
+        mesh,
+        axis_name,
+        axis_size,
+        tuple(in_axes),
+        tuple(aval_key(x) for x in dyn),
+        pvary_inputs,
+        tuple(donate),
+        check,
+    )
     entry = _cache.get(sig) if key is not None else None
     if entry is None:
         if mesh is not None:
-            entry = _build_sharded(fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate, check)
+            entry = _build_sharded(
+                fn, dyn, in_axes, mesh, axis_name, decide, pvary_inputs, donate, check
+            )
         else:
-            entry = _build_vmapped(fn, dyn, in_axes, axis_size, axis_name, decide, donate)
+            entry = _build_vmapped(
+                fn, dyn, in_axes, axis_size, axis_name, decide, donate
+            )
         if key is not None:
             with _lock:
                 _cache[sig] = entry

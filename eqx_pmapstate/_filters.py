@@ -74,7 +74,9 @@ class OfType(Filter):
     type: type | tuple[type, ...] = eqx.field(static=True)
 
     def __call__(self, path, state, ancestors=()):
-        return isinstance(state, self.type) or any(isinstance(a, self.type) for a in ancestors)
+        return isinstance(state, self.type) or any(
+            isinstance(a, self.type) for a in ancestors
+        )
 
 
 class WithTag(Filter):

@@ -39,6 +39,10 @@ def fn_key(f, _depth: int = 0) -> Any:
             except ValueError:  # an empty cell
                 return _ById(f)
         defaults = tuple(value_key(d, _depth) for d in (f.__defaults__ or ()))
-        kwdefaults = tuple(sorted((k, value_key(v, _depth)) for k, v in (f.__kwdefaults__ or {}).items()))
+        kwdefaults = tuple(
+            sorted(
+                (k, value_key(v, _depth)) for k, v in (f.__kwdefaults__ or {}).items()
+            )
+        )
         return ("function", f.__code__, cells, defaults, kwdefaults)
     return value_key(f)

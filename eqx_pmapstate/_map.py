@@ -25,11 +25,18 @@ def _mapped_apply(axis_name: str, in_axes, out_axes, n_args: int):
         axis = read_axis(x, axis_name)
         return None if axis is _UNKNOWN else axis
 
-    return pmap2(_apply, axis_name=axis_name, in_axes=(module_axis,) + (in_axes,) * n_args, out_axes=out_axes)
+    return pmap2(
+        _apply,
+        axis_name=axis_name,
+        in_axes=(module_axis,) + (in_axes,) * n_args,
+        out_axes=out_axes,
+    )
 
 
 @eqx.filter_jit
-def _vmapped_apply(module, module_axes, args, kwargs, in_axes, out_axes, axis_name, axis_size):
+def _vmapped_apply(
+    module, module_axes, args, kwargs, in_axes, out_axes, axis_name, axis_size
+):
     fn = eqx.filter_vmap(
         lambda m, a, k: m(*a, **k),
         in_axes=(module_axes, in_axes, 0),
@@ -83,7 +90,9 @@ class Map(eqx.Module):
 
     def __check_init__(self):
         if self.behavior not in ("vmap", "pmap"):
-            raise ValueError(f"`behavior` must be 'vmap' or 'pmap', but got {self.behavior!r}.")
+            raise ValueError(
+                f"`behavior` must be 'vmap' or 'pmap', but got {self.behavior!r}."
+            )
 
     @property
     def _name(self):
@@ -102,14 +111,26 @@ class Map(eqx.Module):
 
         A new `Map` holding the initialised module.
         """
-        common = dict(state_tag=self.state_tag, axis_size=self.init_map_size, state_out_axes=self.init_state_axes)
+        common = dict(
+            state_tag=self.state_tag,
+            axis_size=self.init_map_size,
+            state_out_axes=self.init_state_axes,
+        )
         if self.behavior == "pmap":
-            module = pmap2_new_states(self.module, init_kwargs, axis_name=self._name, **common)
+            module = pmap2_new_states(
+                self.module, init_kwargs, axis_name=self._name, **common
+            )
             axes = None
         else:
-            module = vmap2_new_states(self.module, init_kwargs, axis_name=self._name, **common)
+            module = vmap2_new_states(
+                self.module, init_kwargs, axis_name=self._name, **common
+            )
             axes = jtu.tree_map(
-                lambda x: (lambda a: None if a is _UNKNOWN else a)(leaf_axis(x)) if isinstance(x, jax.Array) else None,
+                lambda x: (
+                    (lambda a: None if a is _UNKNOWN else a)(leaf_axis(x))
+                    if isinstance(x, jax.Array)
+                    else None
+                ),
                 module,
             )
         return eqx.tree_at(lambda m: m.module, self, module).__with_axes(axes)
@@ -127,9 +148,21 @@ class Map(eqx.Module):
             fn = _mapped_apply(self._name, self.in_axes, self.out_axes, len(args))
             return fn(self.module, *args, **kwargs)
         if self.module_axes is None:
-            raise ValueError("Call `init_all_states` first: this `Map` has no states yet.")
-        in_axes = self.in_axes if not isinstance(self.in_axes, int) else (self.in_axes,) * len(args)
+            raise ValueError(
+                "Call `init_all_states` first: this `Map` has no states yet."
+            )
+        in_axes = (
+            self.in_axes
+            if not isinstance(self.in_axes, int)
+            else (self.in_axes,) * len(args)
+        )
         return _vmapped_apply(
-            self.module, self.module_axes, args, kwargs, tuple(in_axes) if isinstance(in_axes, list) else in_axes,
-            self.out_axes, self._name, self.init_map_size,
+            self.module,
+            self.module_axes,
+            args,
+            kwargs,
+            tuple(in_axes) if isinstance(in_axes, list) else in_axes,
+            self.out_axes,
+            self._name,
+            self.init_map_size,
         )

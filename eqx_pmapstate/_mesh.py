@@ -5,8 +5,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 _lock = threading.Lock()
@@ -15,7 +14,9 @@ _meshes: dict = {}
 
 def check_axis_size(axis_size, what: str = "axis_size") -> None:
     if isinstance(axis_size, bool) or not isinstance(axis_size, (int, np.integer)):
-        raise TypeError(f"`{what}` must be a positive int, but got {axis_size!r} of type {type(axis_size).__name__}.")
+        raise TypeError(
+            f"`{what}` must be a positive int, but got {axis_size!r} of type {type(axis_size).__name__}."
+        )
     if axis_size <= 0:
         raise ValueError(f"`{what}` must be a positive int, but got {axis_size}.")
 
@@ -47,8 +48,12 @@ def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
         pool = jax.local_devices()
         where = "local devices (jax.local_device_count())"
     else:
-        if not isinstance(devices, Sequence) or not all(isinstance(d, jax.Device) for d in devices):
-            raise TypeError("`devices` must be a sequence of `jax.Device`s or a `jax.sharding.Mesh`.")
+        if not isinstance(devices, Sequence) or not all(
+            isinstance(d, jax.Device) for d in devices
+        ):
+            raise TypeError(
+                "`devices` must be a sequence of `jax.Device`s or a `jax.sharding.Mesh`."
+            )
         pool = list(devices)
         where = "devices in `devices`"
         if len({d.id for d in pool}) != len(pool):
@@ -66,7 +71,9 @@ def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
         mesh = _meshes.get(key)
         if mesh is None:
             mesh = Mesh(
-                np.array(chosen, dtype=object), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,)
+                np.array(chosen, dtype=object),
+                (axis_name,),
+                axis_types=(jax.sharding.AxisType.Auto,),
             )
             _meshes[key] = mesh
     return mesh, n

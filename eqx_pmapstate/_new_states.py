@@ -65,7 +65,9 @@ def _broadcast_axes(name: str, prefix, value) -> list:
     try:
         return broadcast_prefix(prefix, value)
     except ValueError as e:
-        raise ValueError(f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}") from None
+        raise ValueError(
+            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}"
+        ) from None
 
 
 def _check_in_axis(name, path, leaf, axis, n) -> int | None:
@@ -78,7 +80,10 @@ def _check_in_axis(name, path, leaf, axis, n) -> int | None:
             "not an array. Only arrays can be mapped; give it axis None."
         )
     return mapped_axis(
-        axis, leaf, n, where,
+        axis,
+        leaf,
+        n,
+        where,
         f"Give it one entry per device (or ensemble member), for example `jax.random.split(key, {n})`.",
     )
 
@@ -98,7 +103,9 @@ def _tag_new_markers(out, held: set, tag: str):
     def retag(path, x):
         if isinstance(x, State) and x.tag is None:
             sub = jtu.tree_flatten_with_path(x)[0]
-            if any(is_arraylike(leaf) and path + tuple(p) not in held for p, leaf in sub):
+            if any(
+                is_arraylike(leaf) and path + tuple(p) not in held for p, leaf in sub
+            ):
                 return _with_tag(x, tag)
         return x
 
@@ -119,7 +126,9 @@ def _new_states(
 ):
     # --- the two forms of `module`
     if isinstance(module, eqx.Module):
-        if not any(_has_init_state(x) for x in jtu.tree_leaves(module, is_leaf=_has_init_state)):
+        if not any(
+            _has_init_state(x) for x in jtu.tree_leaves(module, is_leaf=_has_init_state)
+        ):
             raise TypeError(
                 f"`{what}` got an instance of {type(module).__name__}, but no module in it defines "
                 "`init_state`. Give a module with `init_state` methods (each returning the new "
@@ -136,16 +145,22 @@ def _new_states(
         )
     if init_kwargs is None:
         init_kwargs = {}
-    if not isinstance(init_kwargs, Mapping) or not all(isinstance(k, str) for k in init_kwargs):
+    if not isinstance(init_kwargs, Mapping) or not all(
+        isinstance(k, str) for k in init_kwargs
+    ):
         raise TypeError("`init_kwargs` must be a dict from argument names to values.")
     init_kwargs = dict(init_kwargs)
     if init_in_axes is None:
         init_in_axes = {}
     if not isinstance(init_in_axes, Mapping):
-        raise TypeError("`init_in_axes` must be a dict from argument names to axes (or pytree prefixes of axes).")
+        raise TypeError(
+            "`init_in_axes` must be a dict from argument names to axes (or pytree prefixes of axes)."
+        )
     for name in init_in_axes:
         if name not in init_kwargs:
-            raise ValueError(f"`init_in_axes` names the argument {name!r}, which is not in `init_kwargs`.")
+            raise ValueError(
+                f"`init_in_axes` names the argument {name!r}, which is not in `init_kwargs`."
+            )
     if state_tag is not None and not isinstance(state_tag, str):
         raise TypeError(f"`state_tag` must be a str or None, but got {state_tag!r}.")
     spec = normalize_out_axes(state_out_axes)
@@ -157,7 +172,9 @@ def _new_states(
         mod_flat, mod_def = jtu.tree_flatten_with_path(module)
         for path, leaf in mod_flat:
             if is_arraylike(leaf):
-                axis = read_axis(leaf, axis_name, mesh) if mesh is not None else _UNKNOWN
+                axis = (
+                    read_axis(leaf, axis_name, mesh) if mesh is not None else _UNKNOWN
+                )
                 module_paths.append((path, len(dyn)))
                 dyn.append(leaf)
                 in_axes.append(None if axis is _UNKNOWN else axis)
@@ -183,7 +200,16 @@ def _new_states(
         else:
             statics.append(value_key(leaf))
     kw_is_array = tuple(is_arraylike(x) for _, x in kw_flat)
-    key = (what, init_form, module_key, kw_def, kw_is_array, tuple(statics), spec, state_tag)
+    key = (
+        what,
+        init_form,
+        module_key,
+        kw_def,
+        kw_is_array,
+        tuple(statics),
+        spec,
+        state_tag,
+    )
 
     # --- the per-device function. It keeps no array of this call (the compiled program
     # outlives it in the cache): arrays are slots, filled from the per-device inputs.
@@ -197,7 +223,9 @@ def _new_states(
         it = iter(local)
         mod = None
         if init_form:
-            mod = mod_def.unflatten([next(it) if x is _SLOT else x for x in mod_template])
+            mod = mod_def.unflatten(
+                [next(it) if x is _SLOT else x for x in mod_template]
+            )
         kw_leaves = [next(it) if x is _SLOT else x for x in kw_template]
         kwargs = dict(zip(kw_names, kw_def.unflatten(kw_leaves)))
         return mod, kwargs
@@ -233,20 +261,35 @@ def _new_states(
             decisions[i] = _engine.Pass(j)
         check = set()
         for ref in iter_states(out):
-            sub = jtu.tree_flatten_with_path(ref.state)[0] if isinstance(ref.state, State) else [((), ref.state)]
-            idx = [index_of[ref.path + tuple(p)] for p, leaf in sub if is_arraylike(leaf)]
+            sub = (
+                jtu.tree_flatten_with_path(ref.state)[0]
+                if isinstance(ref.state, State)
+                else [((), ref.state)]
+            )
+            idx = [
+                index_of[ref.path + tuple(p)] for p, leaf in sub if is_arraylike(leaf)
+            ]
             new = [i for i in idx if not isinstance(decisions[i], _engine.Pass)]
             if not new:
                 continue
             axis = assign_axis(spec, ref.path, ref.state, ref.ancestors)
             for i in new:
-                decisions[i] = normalize_axis(axis, np.ndim(infos[i].leaf), infos[i].path)
+                decisions[i] = normalize_axis(
+                    axis, np.ndim(infos[i].leaf), infos[i].path
+                )
                 if decisions[i] is None and infos[i].varying:
                     check.add(i)
         return _engine.Decided(decisions, frozenset(check))
 
     compiled = _engine.compiled(
-        key, fn, dyn, in_axes, decide, mesh=mesh, axis_name=axis_name, axis_size=None if mesh else n
+        key,
+        fn,
+        dyn,
+        in_axes,
+        decide,
+        mesh=mesh,
+        axis_name=axis_name,
+        axis_size=None if mesh else n,
     )
     out, flags = compiled(dyn)
     if flags is not None:
@@ -330,8 +373,15 @@ def pmap2_new_states(
     """
     mesh, n = resolve_mesh(axis_size, devices, axis_name)
     return _new_states(
-        module, init_kwargs, state_tag, state_out_axes, init_in_axes,
-        n=n, mesh=mesh, axis_name=axis_name, what="pmap2_new_states",
+        module,
+        init_kwargs,
+        state_tag,
+        state_out_axes,
+        init_in_axes,
+        n=n,
+        mesh=mesh,
+        axis_name=axis_name,
+        what="pmap2_new_states",
     )
 
 
@@ -364,9 +414,18 @@ def vmap2_new_states(
     when the init is traced).
     """
     if axis_size is ...:
-        raise TypeError("`vmap2_new_states` needs `axis_size`, the number of ensemble members.")
+        raise TypeError(
+            "`vmap2_new_states` needs `axis_size`, the number of ensemble members."
+        )
     check_axis_size(axis_size)
     return _new_states(
-        module, init_kwargs, state_tag, state_out_axes, init_in_axes,
-        n=int(axis_size), mesh=None, axis_name=axis_name, what="vmap2_new_states",
+        module,
+        init_kwargs,
+        state_tag,
+        state_out_axes,
+        init_in_axes,
+        n=int(axis_size),
+        mesh=None,
+        axis_name=axis_name,
+        what="vmap2_new_states",
     )

@@ -12,8 +12,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from . import _engine
-from ._engine import ReplicationError, replication_message
 from ._assign import assign_axis, mapped_axis, normalize_axis, normalize_out_axes
+from ._engine import replication_message, ReplicationError
 from ._keys import value_key
 from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
 from ._state import State
@@ -52,7 +52,11 @@ class StateAxes:
         out = {}
         for ref in iter_states(tree):
             axis = assign_axis(self.spec, root + ref.path, ref.state, ref.ancestors)
-            sub = jtu.tree_flatten_with_path(ref.state)[0] if isinstance(ref.state, State) else [((), ref.state)]
+            sub = (
+                jtu.tree_flatten_with_path(ref.state)[0]
+                if isinstance(ref.state, State)
+                else [((), ref.state)]
+            )
             for p, leaf in sub:
                 if is_arraylike(leaf):
                     out[ref.path + tuple(p)] = axis
@@ -106,7 +110,9 @@ def _prefix_axes(prefix, tree) -> list:
     try:
         return broadcast_prefix(prefix, tree)
     except ValueError as e:
-        raise ValueError(f"The axes given are not a pytree prefix of the tree they apply to: {e}") from None
+        raise ValueError(
+            f"The axes given are not a pytree prefix of the tree they apply to: {e}"
+        ) from None
 
 
 class _Entry:
@@ -121,15 +127,23 @@ class _Entry:
 class Pmap2:
     """A function mapped over the devices of a mesh axis; made by [`eqx_pmapstate.pmap2`][]."""
 
-    def __init__(self, fun, *, axis_name, in_axes, out_axes, donate, check_replicated, devices):
+    def __init__(
+        self, fun, *, axis_name, in_axes, out_axes, donate, check_replicated, devices
+    ):
         if not callable(fun):
             raise TypeError(f"`pmap2` needs a callable, but got {fun!r}.")
         if check_replicated not in (True, False, "sync"):
-            raise ValueError(f"`check_replicated` must be True, False or 'sync', but got {check_replicated!r}.")
+            raise ValueError(
+                f"`check_replicated` must be True, False or 'sync', but got {check_replicated!r}."
+            )
         if donate not in ("all", "all-except-first", "none"):
-            raise ValueError(f"`donate` must be 'all', 'all-except-first' or 'none', but got {donate!r}.")
+            raise ValueError(
+                f"`donate` must be 'all', 'all-except-first' or 'none', but got {donate!r}."
+            )
         if not isinstance(axis_name, str) or not axis_name:
-            raise TypeError(f"`axis_name` must be a non-empty str, but got {axis_name!r}.")
+            raise TypeError(
+                f"`axis_name` must be a non-empty str, but got {axis_name!r}."
+            )
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.axis_name = axis_name
@@ -181,7 +195,9 @@ class Pmap2:
                     )
         if found is not None:
             if isinstance(self.devices, Mesh) and self.devices != found:
-                raise ValueError("The inputs are laid out on another mesh than the one given as `devices`.")
+                raise ValueError(
+                    "The inputs are laid out on another mesh than the one given as `devices`."
+                )
             return found
         return resolve_mesh(None, self.devices, self.axis_name)[0]
 
@@ -197,30 +213,50 @@ class Pmap2:
             by_path = self.in_axes.axes_of((args, kwargs))
             given = [by_path.get(p, _DEFAULT) for p, _ in flat]
         elif self.in_axes is not _DEFAULT:
-            given = _prefix_axes(self.in_axes, args) + [_DEFAULT] * (len(leaves) - n_args)
+            given = _prefix_axes(self.in_axes, args) + [_DEFAULT] * (
+                len(leaves) - n_args
+            )
         in_axes, dyn_index, layout_of_leaf = [], [], [None] * len(leaves)
         for i, ((path, x), g) in enumerate(zip(flat, given)):
             if not is_arraylike(x):
                 continue
             if callable(g):
                 g = g(x)
-            here = read_axis(x, self.axis_name, mesh) if isinstance(x, jax.Array) else _UNKNOWN
+            here = (
+                read_axis(x, self.axis_name, mesh)
+                if isinstance(x, jax.Array)
+                else _UNKNOWN
+            )
             if g is _DEFAULT:
                 g = 0 if here is _UNKNOWN else here
-            axis = None if g is None else mapped_axis(
-                g, x, n, f"The input {_where(path)}",
-                f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, ...)), "
-                "or mark it replicated with an `in_axes` of None.",
+            axis = (
+                None
+                if g is None
+                else mapped_axis(
+                    g,
+                    x,
+                    n,
+                    f"The input {_where(path)}",
+                    f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, ...)), "
+                    "or mark it replicated with an `in_axes` of None.",
+                )
             )
             layout_of_leaf[i] = axis
             in_axes.append(axis)
             dyn_index.append(i)
 
         # Rule 1: the arguments whose layout an output of the same structure takes.
-        arg_start = list(np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args[:-1]])) if args else []
+        arg_start = (
+            list(np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args[:-1]]))
+            if args
+            else []
+        )
         candidates = []
         for a_idx, arg in enumerate(args):
-            on_mesh = isinstance(arg, jax.Array) and read_axis(arg, self.axis_name, mesh) is not _UNKNOWN
+            on_mesh = (
+                isinstance(arg, jax.Array)
+                and read_axis(arg, self.axis_name, mesh) is not _UNKNOWN
+            )
             if is_arraylike(arg) and not on_mesh:
                 continue
             bare = None
@@ -241,13 +277,18 @@ class Pmap2:
             ordered = sorted(candidates, key=lambda c: c[1] != prefer)
             for struct, a_idx, bare in ordered:
                 if bare is not None and (
-                    not is_arraylike(sub) or (np.shape(sub), jax.numpy.result_type(sub)) != bare
+                    not is_arraylike(sub)
+                    or (np.shape(sub), jax.numpy.result_type(sub)) != bare
                 ):
                     continue  # a bare array passes its layout only to an array like it
                 if struct == structure:
                     start = arg_start[a_idx]
-                    return [layout_of_leaf[start + j] if (start + j) in dyn_pos else _DEFAULT
-                            for j in range(structure.num_leaves)]
+                    return [
+                        layout_of_leaf[start + j]
+                        if (start + j) in dyn_pos
+                        else _DEFAULT
+                        for j in range(structure.num_leaves)
+                    ]
             return None
 
         out_axes = self.out_axes
@@ -265,7 +306,11 @@ class Pmap2:
                     wanted = []
                     for position, element in enumerate(out):
                         got = inherited(element, prefer=position)
-                        wanted += got if got is not None else [_DEFAULT] * len(jtu.tree_leaves(element))
+                        wanted += (
+                            got
+                            if got is not None
+                            else [_DEFAULT] * len(jtu.tree_leaves(element))
+                        )
                 elif wanted is None:
                     wanted = [_DEFAULT] * n_out
             decisions, check, surely = [None] * n_out, set(), []
@@ -285,7 +330,12 @@ class Pmap2:
                     if axis is None and info.varying_alone:
                         surely.append(_out_where(info.path))
                 j = info.input_index
-                if j is not None and in_axes[j] == axis and j not in donated and not self._needs_put(leaves[dyn_index[j]], mesh, axis):
+                if (
+                    j is not None
+                    and in_axes[j] == axis
+                    and j not in donated
+                    and not self._needs_put(leaves[dyn_index[j]], mesh, axis)
+                ):
                     decisions[i] = _engine.Pass(j)
                     continue
                 decisions[i] = axis
@@ -329,14 +379,20 @@ class Pmap2:
         return _Entry(compiled, tuple(dyn_index), put)
 
     def _needs_put(self, x, mesh, axis) -> bool:
-        return getattr(x, "sharding", None) != NamedSharding(mesh, axis_spec(self.axis_name, axis))
+        return getattr(x, "sharding", None) != NamedSharding(
+            mesh, axis_spec(self.axis_name, axis)
+        )
 
     def _donated(self, args, dyn_index, arg_start) -> list[int]:
         if self.donate == "none":
             return []
         if self.donate == "all":
             return list(range(len(dyn_index)))
-        first_end = arg_start[1] if len(arg_start) > 1 else (len(jtu.tree_leaves(args)) if args else 0)
+        first_end = (
+            arg_start[1]
+            if len(arg_start) > 1
+            else (len(jtu.tree_leaves(args)) if args else 0)
+        )
         return [d for d, i in enumerate(dyn_index) if i >= first_end]
 
 

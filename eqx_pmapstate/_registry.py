@@ -10,6 +10,7 @@ import weakref
 
 import jax
 
+
 _lock = threading.Lock()
 _axes: dict[int, tuple] = {}  # id(array) -> (weakref, axis, axis_name)
 

@@ -57,5 +57,10 @@ def broadcast_prefix(prefix, tree) -> list:
     pytree leaf) as one entry per leaf of `tree`. Raises ValueError if it is no prefix."""
     if prefix is None or isinstance(prefix, int) or callable(prefix):
         return [prefix] * len(jtu.tree_leaves(tree))
-    full = jtu.tree_map(lambda a, sub: jtu.tree_map(lambda _: a, sub), prefix, tree, is_leaf=lambda x: x is None)
+    full = jtu.tree_map(
+        lambda a, sub: jtu.tree_map(lambda _: a, sub),
+        prefix,
+        tree,
+        is_leaf=lambda x: x is None,
+    )
     return jtu.tree_leaves(full, is_leaf=lambda x: x is None)

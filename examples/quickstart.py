@@ -7,8 +7,11 @@ CPU it makes 8 CPU devices itself.
 
 import os
 
+
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -16,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import eqx_pmapstate as ep  # noqa: E402
 from eqx_pmapstate.filters import OfType  # noqa: E402
+
 
 n = jax.local_device_count()
 
@@ -47,10 +51,15 @@ class ParallelModel(eqx.Module):
 
 
 model = ep.pmap2_new_states(
-    ParallelModel(), init_kwargs={"layer_size": 128}, axis_size=n, state_out_axes={0: OfType(ep.ParamState)}
+    ParallelModel(),
+    init_kwargs={"layer_size": 128},
+    axis_size=n,
+    state_out_axes={0: OfType(ep.ParamState)},
 )
 assert model.weight.value.shape == (n, 128) and model.bias.value.shape == (n, 128)
-print(f"2. ParallelModel: weight {model.weight.value.shape}, bias {model.bias.value.shape}")
+print(
+    f"2. ParallelModel: weight {model.weight.value.shape}, bias {model.bias.value.shape}"
+)
 print(ep.describe(model), end="\n\n")
 
 
@@ -62,17 +71,26 @@ class MixedParallelModule(eqx.Module):
     def init_state(self):
         return MixedParallelModule(
             local_state=ep.ShortTermState(jnp.array(0)),  # one per device
-            global_config=ep.NonBatchState(jnp.array([1.0, 2.0, 3.0])),  # the same everywhere
+            global_config=ep.NonBatchState(
+                jnp.array([1.0, 2.0, 3.0])
+            ),  # the same everywhere
         )
 
 
 mixed = ep.pmap2_new_states(MixedParallelModule(), init_kwargs={}, axis_size=n)
 assert mixed.local_state.value.shape == (n,) and mixed.global_config.value.shape == (3,)
-print(f"3. MixedParallelModule: local_state {mixed.local_state.value.shape}, "
-      f"global_config {mixed.global_config.value.shape}")
+print(
+    f"3. MixedParallelModule: local_state {mixed.local_state.value.shape}, "
+    f"global_config {mixed.global_config.value.shape}"
+)
 print(ep.describe(mixed), end="\n\n")
-print("states_by_axis:", {axis: [jax.tree_util.keystr(p) for p, _ in states]
-                          for axis, states in ep.states_by_axis(mixed).items()})
+print(
+    "states_by_axis:",
+    {
+        axis: [jax.tree_util.keystr(p) for p, _ in states]
+        for axis, states in ep.states_by_axis(mixed).items()
+    },
+)
 
 
 # And a step over the distributed module: every leaf keeps its layout.
@@ -84,5 +102,7 @@ def step(module, x):
 
 for _ in range(3):
     mixed = step(mixed, jnp.ones((n, 4)))
-print(f"\nAfter 3 steps: local_state = {mixed.local_state.value.tolist()}, "
-      f"global_config still {mixed.global_config.value.shape} and replicated")
+print(
+    f"\nAfter 3 steps: local_state = {mixed.local_state.value.tolist()}, "
+    f"global_config still {mixed.global_config.value.shape} and replicated"
+)

@@ -12,8 +12,11 @@ makes 8 CPU devices itself).
 
 import os
 
+
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -22,6 +25,7 @@ import optax  # noqa: E402
 
 import eqx_pmapstate as ep  # noqa: E402
 from eqx_pmapstate.filters import OfType  # noqa: E402
+
 
 AXIS = "devices"
 
@@ -36,7 +40,14 @@ class Regressor(eqx.Module):
 
 def build(key):
     return Regressor(
-        eqx.nn.MLP(in_size=4, out_size=1, width_size=32, depth=2, activation=jax.nn.tanh, key=key),
+        eqx.nn.MLP(
+            in_size=4,
+            out_size=1,
+            width_size=32,
+            depth=2,
+            activation=jax.nn.tanh,
+            key=key,
+        ),
         ep.ShortTermState(jnp.zeros((), jnp.int32)),
     )
 
@@ -63,7 +74,9 @@ def make_step(optimizer, average_gradients=True):
             grads = jax.lax.pmean(grads, AXIS)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         model = eqx.apply_updates(model, updates)
-        model = eqx.tree_at(lambda m: m.seen.value, model, model.seen.value + x.shape[0])
+        model = eqx.tree_at(
+            lambda m: m.seen.value, model, model.seen.value + x.shape[0]
+        )
         return model, opt_state, jax.lax.pmean(loss, AXIS)
 
     return step
@@ -72,7 +85,9 @@ def make_step(optimizer, average_gradients=True):
 def init(key, n_devices):
     # Parameters replicated (axis None), the per-device counter along axis 0.
     model = ep.pmap2_new_states(
-        build, {"key": key}, state_out_axes={None: eqx.is_inexact_array, 0: OfType(ep.ShortTermState)}
+        build,
+        {"key": key},
+        state_out_axes={None: eqx.is_inexact_array, 0: OfType(ep.ShortTermState)},
     )
     assert model.seen.value.shape == (n_devices,)
     return model
@@ -88,12 +103,16 @@ def train(steps=20, batch=256, lr=1e-2, seed=0, average_gradients=True, log=None
     key_model, key_data = jax.random.split(jax.random.key(seed))
     model = init(key_model, n)
     optimizer = optax.adam(lr)
-    opt_state = ep.pmap2(lambda m: optimizer.init(eqx.filter(m, eqx.is_inexact_array)), axis_name=AXIS)(model)
+    opt_state = ep.pmap2(
+        lambda m: optimizer.init(eqx.filter(m, eqx.is_inexact_array)), axis_name=AXIS
+    )(model)
     step = make_step(optimizer, average_gradients)
     losses = []
     for i in range(steps):
         x, y = make_data(jax.random.fold_in(key_data, i), batch)
-        model, opt_state, loss = step(model, opt_state, shard_batch(x, n), shard_batch(y, n))
+        model, opt_state, loss = step(
+            model, opt_state, shard_batch(x, n), shard_batch(y, n)
+        )
         losses.append(loss)
         if log is not None:
             log(i, loss)
@@ -109,7 +128,9 @@ def main():
 
     model, opt_state, losses = train(steps=200, log=log)
     print(ep.describe(model))
-    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; samples seen per device: {model.seen.value.tolist()}")
+    print(
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; samples seen per device: {model.seen.value.tolist()}"
+    )
 
 
 if __name__ == "__main__":

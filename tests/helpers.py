@@ -7,6 +7,7 @@ from jax.sharding import NamedSharding
 
 import eqx_pmapstate as ep
 
+
 N = 8  # the tests force 8 CPU devices
 
 
@@ -54,10 +55,14 @@ class ParallelModel(eqx.Module):
     def init_state(self, layer_size):
         weight = ep.ParamState(jax.random.normal(jax.random.PRNGKey(0), (layer_size,)))
         bias = ep.ParamState(jnp.zeros(layer_size))
-        return eqx.tree_at(lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none)
+        return eqx.tree_at(
+            lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none
+        )
 
     def __call__(self, x):
-        return x * self.weight.value[None] + self.bias.value[None]  # x: (batch, features)
+        return (
+            x * self.weight.value[None] + self.bias.value[None]
+        )  # x: (batch, features)
 
 
 class BNNet(eqx.Module):

@@ -14,7 +14,15 @@ from eqx_pmapstate.filters import PathContains
 A = jtu.GetAttrKey
 D = jtu.DictKey
 
-HEADER = ["path", "marker", "axis", "global shape", "per-device shape", "dtype", "bytes/device"]
+HEADER = [
+    "path",
+    "marker",
+    "axis",
+    "global shape",
+    "per-device shape",
+    "dtype",
+    "bytes/device",
+]
 
 
 def _rows(table: str) -> dict:
@@ -41,7 +49,10 @@ class Model(eqx.Module):
             weight=ep.ParamState(jnp.zeros((4,), jnp.float32)),
             hidden=ep.ShortTermState(jnp.zeros((3, 2), jnp.float32)),
             config=ep.NonBatchState(jnp.array([1.0, 2.0, 3.0])),
-            extra={"count": jnp.zeros((), jnp.int32), "pair": ep.LongTermState((jnp.zeros(2), jnp.zeros(5)))},
+            extra={
+                "count": jnp.zeros((), jnp.int32),
+                "pair": ep.LongTermState((jnp.zeros(2), jnp.zeros(5))),
+            },
         )
 
 
@@ -105,7 +116,10 @@ def test_describe_one_row_per_array_with_cells(leaks):
 
 def test_describe_large_bytes_and_other_dtypes(leaks):
     def make():
-        return {"big": ep.ParamState(jnp.zeros((256, 64), jnp.float32)), "b": jnp.zeros((3,), jnp.bool_)}
+        return {
+            "big": ep.ParamState(jnp.zeros((256, 64), jnp.float32)),
+            "b": jnp.zeros((3,), jnp.bool_),
+        }
 
     out = ep.pmap2_new_states(make, state_out_axes={1: ep.ParamState})
     rows = _rows(ep.describe(out))
@@ -119,7 +133,10 @@ def test_describe_large_bytes_and_other_dtypes(leaks):
 
 def test_describe_vmap_result(leaks):
     def make():
-        return {"s": ep.ShortTermState(jnp.zeros((3,))), "r": ep.NonBatchState(jnp.zeros(2))}
+        return {
+            "s": ep.ShortTermState(jnp.zeros((3,))),
+            "r": ep.NonBatchState(jnp.zeros(2)),
+        }
 
     out = ep.vmap2_new_states(make, axis_size=5, state_out_axes={-1: ...})
     rows = _rows(ep.describe(out))
@@ -132,7 +149,11 @@ def test_describe_vmap_result(leaks):
 
 
 def test_describe_plain_tree_has_no_axis():
-    tree = {"a": jnp.zeros((2, 3)), "m": ep.ParamState(jnp.zeros(4, jnp.int32)), "s": "static"}
+    tree = {
+        "a": jnp.zeros((2, 3)),
+        "m": ep.ParamState(jnp.zeros(4, jnp.int32)),
+        "s": "static",
+    }
     rows = _rows(ep.describe(tree))
     assert set(rows) == {"['a']", "['m'].value"}
     assert rows["['a']"]["axis"] == "-"
@@ -177,7 +198,11 @@ def test_states_by_axis_matches_the_layout(leaks):
 
 def test_states_by_axis_vmap(leaks):
     def make():
-        return {"a": ep.ParamState(jnp.zeros(2)), "b": ep.NonBatchState(jnp.zeros(2)), "c": jnp.zeros((2, 2))}
+        return {
+            "a": ep.ParamState(jnp.zeros(2)),
+            "b": ep.NonBatchState(jnp.zeros(2)),
+            "c": jnp.zeros((2, 2)),
+        }
 
     out = ep.vmap2_new_states(make, axis_size=3, state_out_axes={2: PathContains("c")})
     layout = ep.states_by_axis(out)
@@ -190,4 +215,6 @@ def test_states_by_axis_vmap(leaks):
 
 
 def test_states_by_axis_of_a_plain_tree_is_empty():
-    assert ep.states_by_axis({"a": jnp.zeros(2), "m": ep.ParamState(jnp.zeros(2))}) == {}
+    assert (
+        ep.states_by_axis({"a": jnp.zeros(2), "m": ep.ParamState(jnp.zeros(2))}) == {}
+    )

@@ -33,7 +33,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = ["index.md"] + sorted(p.relative_to(DOCS).as_posix() for p in (DOCS / "tutorials").glob("*.md"))
+PAGES = ["index.md"] + sorted(
+    p.relative_to(DOCS).as_posix() for p in (DOCS / "tutorials").glob("*.md")
+)
 
 # optax mixes Python floats with int32 step counters, which strict promotion refuses; the
 # training tutorial is run with JAX's default (standard) promotion, as its readers run it.
@@ -93,8 +95,19 @@ def code_blocks(text: str) -> list[dict]:
         if j == len(lines):
             raise ValueError(f"The code block opened at line {i + 1} is never closed.")
         if lang in ("python", "py"):
-            source = textwrap.dedent("\n".join(line[len(indent):] if line.startswith(indent) else line for line in body))
-            mode = "skip" if "no-run" in classes else "xfail" if "xfail" in classes else "run"
+            source = textwrap.dedent(
+                "\n".join(
+                    line[len(indent) :] if line.startswith(indent) else line
+                    for line in body
+                )
+            )
+            mode = (
+                "skip"
+                if "no-run" in classes
+                else "xfail"
+                if "xfail" in classes
+                else "run"
+            )
             blocks.append({"line": i + 2, "source": source, "mode": mode})
         i = j + 1
     return blocks
@@ -161,10 +174,16 @@ def test_page_runs(page):
     assert any(b["mode"] == "run" for b in blocks), f"{page} has no code to run"
     env = dict(os.environ)
     if "--xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        ).strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
-    spec = {"path": path.relative_to(ROOT).as_posix(), "promotion": PROMOTION.get(page, "strict"),
-            "known_issues": list(KNOWN_ISSUES.values()), "blocks": blocks}
+    spec = {
+        "path": path.relative_to(ROOT).as_posix(),
+        "promotion": PROMOTION.get(page, "strict"),
+        "known_issues": list(KNOWN_ISSUES.values()),
+        "blocks": blocks,
+    }
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-c", _RUNNER],
         input=json.dumps(spec),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import eqx_pmapstate as ep
-from eqx_pmapstate.filters import OfType, PathContains
+from eqx_pmapstate.filters import PathContains
 
 
 class Counter(eqx.Module):
@@ -85,7 +85,9 @@ def test_vmap_axis_size_not_an_int(bad):
 
 def test_axis_size_disagrees_with_mesh():
     mesh = jax.sharding.Mesh(
-        np.array(jax.devices()[:4]), ("devices",), axis_types=(jax.sharding.AxisType.Auto,)
+        np.array(jax.devices()[:4]),
+        ("devices",),
+        axis_types=(jax.sharding.AxisType.Auto,),
     )
     with pytest.raises(ValueError) as e:
         ep.pmap2_new_states(Counter(), axis_size=2, devices=mesh)
@@ -94,7 +96,9 @@ def test_axis_size_disagrees_with_mesh():
 
 def test_mesh_without_the_axis_name():
     mesh = jax.sharding.Mesh(
-        np.array(jax.devices()[:4]), ("other",), axis_types=(jax.sharding.AxisType.Auto,)
+        np.array(jax.devices()[:4]),
+        ("other",),
+        axis_types=(jax.sharding.AxisType.Auto,),
     )
     with pytest.raises(ValueError, match="devices"):
         ep.pmap2_new_states(Counter(), devices=mesh)
@@ -131,7 +135,9 @@ class Model(eqx.Module):
     other: ep.ShortTermState | None = None
 
     def init_state(self):
-        return Model(ep.ParamState(jnp.zeros(2), tag="w"), ep.ShortTermState(jnp.zeros(2)))
+        return Model(
+            ep.ParamState(jnp.zeros(2), tag="w"), ep.ShortTermState(jnp.zeros(2))
+        )
 
 
 def test_ambiguous_state_names_path_and_both_axes(leaks):
@@ -150,7 +156,9 @@ def test_ambiguous_state_names_path_and_both_axes(leaks):
 
 def test_ambiguous_state_with_replicated_axis(leaks):
     with pytest.raises(ValueError) as e:
-        ep.pmap2_new_states(Model(), state_out_axes={None: PathContains("weight"), -1: "w"})
+        ep.pmap2_new_states(
+            Model(), state_out_axes={None: PathContains("weight"), -1: "w"}
+        )
     msg = str(e.value)
     assert ".weight" in msg and "None" in msg and "-1" in msg
 
@@ -205,10 +213,15 @@ def test_varying_state_put_on_axis_none_by_a_filter(leaks):
     keys = jax.random.split(jax.random.key(0), 8)
 
     def make(key):
-        return {"noise": ep.ShortTermState(jax.random.normal(key, (2,))), "z": jnp.zeros(2)}
+        return {
+            "noise": ep.ShortTermState(jax.random.normal(key, (2,))),
+            "z": jnp.zeros(2),
+        }
 
     with pytest.raises(ValueError) as e:
-        ep.pmap2_new_states(make, {"key": keys}, state_out_axes={None: ...}, init_in_axes={"key": 0})
+        ep.pmap2_new_states(
+            make, {"key": keys}, state_out_axes={None: ...}, init_in_axes={"key": 0}
+        )
     assert "['noise']" in str(e.value)
     assert "['z']" not in str(e.value)
 
@@ -235,7 +248,9 @@ def test_varying_replicated_state_whose_differences_cancel_in_a_sum(leaks):
 
     with pytest.raises(ValueError, match=r"\['shared'\]"):
         out = ep.pmap2_new_states(make)
-        shards = [np.asarray(s.data).tolist() for s in out["shared"].value.addressable_shards]
+        shards = [
+            np.asarray(s.data).tolist() for s in out["shared"].value.addressable_shards
+        ]
         print("accepted, shards:", shards)
 
 
@@ -260,12 +275,16 @@ def test_init_in_axes_wrong_length_names_argument(leaks):
 def test_init_in_axes_wrong_length_inside_a_pytree_names_argument(leaks):
     args = {"a": jnp.zeros((8, 2)), "b": jnp.zeros((3, 2))}
     with pytest.raises(ValueError, match="'args'"):
-        ep.pmap2_new_states(lambda args: ep.State(args["a"]), {"args": args}, init_in_axes={"args": 0})
+        ep.pmap2_new_states(
+            lambda args: ep.State(args["a"]), {"args": args}, init_in_axes={"args": 0}
+        )
 
 
 def test_init_in_axes_names_a_missing_argument():
     with pytest.raises(ValueError, match="'nope'"):
-        ep.pmap2_new_states(lambda key: ep.State(key), {"key": jnp.zeros(2)}, init_in_axes={"nope": 0})
+        ep.pmap2_new_states(
+            lambda key: ep.State(key), {"key": jnp.zeros(2)}, init_in_axes={"nope": 0}
+        )
 
 
 def test_init_in_axes_vmap_wrong_length(leaks):
@@ -273,7 +292,9 @@ def test_init_in_axes_vmap_wrong_length(leaks):
     with pytest.raises(ValueError, match="'key'"):
         ep.vmap2_new_states(
             lambda key: ep.State(jax.random.normal(key, (2,))),
-            {"key": keys}, axis_size=4, init_in_axes={"key": 0},
+            {"key": keys},
+            axis_size=4,
+            init_in_axes={"key": 0},
         )
 
 

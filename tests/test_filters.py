@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import _spec, BNNet
 
 import eqx_pmapstate as ep
-from helpers import BNNet, _spec
 from eqx_pmapstate.filters import (
     All,
     Any,
@@ -26,8 +26,6 @@ from eqx_pmapstate.filters import (
 A = jtu.GetAttrKey
 D = jtu.DictKey
 S = jtu.SequenceKey
-
-
 
 
 # --------------------------------------------------------------------------- shorthands
@@ -175,8 +173,6 @@ def test_oftype_matches_inside_an_instance_directly():
     assert OfType((eqx.nn.BatchNorm, eqx.nn.Linear))((), lin.weight, ancestors=(lin,))
 
 
-
-
 def test_oftype_batchnorm_and_state_in_pmap2_new_states(leaks):
     net, state = ep.pmap2_new_states(
         eqx.nn.make_with_state(BNNet),
@@ -234,7 +230,11 @@ def test_pathcontains_really_matches_paths_in_pmap2_new_states(leaks):
     # brainstate calls filters with an empty path, so PathContains never matches there.
     out = ep.pmap2_new_states(
         _make_encdec,
-        state_out_axes={1: PathContains("w"), None: PathContains(1), -1: PathContains("nothing")},
+        state_out_axes={
+            1: PathContains("w"),
+            None: PathContains(1),
+            -1: PathContains("nothing"),
+        },
     )
     assert out.encoder["w"].shape == (2, 8)  # dict key -> axis 1
     assert out.encoder["v"].shape == (8, 2)  # no match -> axis 0
@@ -242,7 +242,9 @@ def test_pathcontains_really_matches_paths_in_pmap2_new_states(leaks):
     assert out.decoder[1].value.shape == (2,)  # index 1 -> replicated
     np.testing.assert_array_equal(np.asarray(out.decoder[1].value), np.ones(2))
 
-    out = ep.pmap2_new_states(_make_encdec, state_out_axes={-1: PathContains("decoder")})
+    out = ep.pmap2_new_states(
+        _make_encdec, state_out_axes={-1: PathContains("decoder")}
+    )
     assert out.decoder[0].value.shape == (2, 8)  # attribute name
     assert out.decoder[1].value.shape == (2, 8)
     assert out.encoder["w"].shape == (8, 2)
@@ -352,4 +354,7 @@ def test_different_filters_are_not_equal():
     assert Any(ep.ParamState, "a") != All(ep.ParamState, "a")
     assert Everything() != Nothing()
     assert OfType(ep.ParamState) != WithTag("ParamState")
-    assert len({OfType(ep.ParamState), OfType(ep.ShortTermState), OfType(ep.ParamState)}) == 2
+    assert (
+        len({OfType(ep.ParamState), OfType(ep.ShortTermState), OfType(ep.ParamState)})
+        == 2
+    )

@@ -48,7 +48,9 @@ def test_an_inline_lambda_filter_does_not_recompile():
         return {"a": jnp.zeros(3), "b": jnp.ones(3)}
 
     def create():  # a fresh lambda on every call
-        return ep.pmap2_new_states(make, state_out_axes={None: lambda path, state: path[0].key == "a"})
+        return ep.pmap2_new_states(
+            make, state_out_axes={None: lambda path, state: path[0].key == "a"}
+        )
 
     first = create()
     n = len(traces)

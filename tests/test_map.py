@@ -5,19 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from helpers import _none, ParallelModel
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType
-from helpers import ParallelModel, _none
 
 
 N = 8
-
-
-
-
 
 
 class MemberModel(eqx.Module):
@@ -29,12 +24,18 @@ class MemberModel(eqx.Module):
 
     def init_state(self, layer_size, key):
         i = jax.lax.axis_index(self.axis_name)
-        weight = ep.ParamState(jax.random.normal(jax.random.fold_in(key, i), (layer_size,)))
+        weight = ep.ParamState(
+            jax.random.normal(jax.random.fold_in(key, i), (layer_size,))
+        )
         bias = ep.ParamState(jnp.zeros(layer_size) + i.astype(jnp.float32))
-        return eqx.tree_at(lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none)
+        return eqx.tree_at(
+            lambda m: (m.weight, m.bias), self, (weight, bias), is_leaf=_none
+        )
 
     def __call__(self, x):
-        return jnp.tanh(x * self.weight.value[None]) + self.bias.value[None]  # x: (batch, features)
+        return (
+            jnp.tanh(x * self.weight.value[None]) + self.bias.value[None]
+        )  # x: (batch, features)
 
 
 def _member_weight(key, i, size):
@@ -42,7 +43,9 @@ def _member_weight(key, i, size):
 
 
 def test_reference_example_pmap(leaks):
-    mapper = ep.Map(ParallelModel(), init_map_size=N, behavior="pmap", axis_name="devices")
+    mapper = ep.Map(
+        ParallelModel(), init_map_size=N, behavior="pmap", axis_name="devices"
+    )
     new = mapper.init_all_states(layer_size=128)
     assert isinstance(new, ep.Map) and new is not mapper
     # the old one is unchanged
@@ -52,7 +55,9 @@ def test_reference_example_pmap(leaks):
     assert new.module.bias.value.shape == (N, 128)
     assert isinstance(w.sharding, NamedSharding) and w.sharding.spec == P("devices")
     expected_w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (128,)))
-    np.testing.assert_allclose(np.asarray(w), np.broadcast_to(expected_w, (N, 128)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(w), np.broadcast_to(expected_w, (N, 128)), rtol=1e-6
+    )
 
     inputs = np.asarray(jax.random.normal(jax.random.key(1), (N * 4, 128)))
     batch_per_device = inputs.shape[0] // N
@@ -60,7 +65,11 @@ def test_reference_example_pmap(leaks):
     outputs = new(sharded_inputs)
     assert outputs.shape == (N, batch_per_device, 128)
     assert outputs.sharding.spec == P("devices")
-    w, b, outputs = np.asarray(w), np.asarray(new.module.bias.value), np.asarray(outputs)
+    w, b, outputs = (
+        np.asarray(w),
+        np.asarray(new.module.bias.value),
+        np.asarray(outputs),
+    )
     for i in range(N):
         expected = sharded_inputs[i] * w[i] + b[i]
         np.testing.assert_allclose(outputs[i], expected, rtol=1e-6)
@@ -68,27 +77,42 @@ def test_reference_example_pmap(leaks):
 
 def test_pmap_members_see_their_own_states(leaks):
     key = jax.random.key(7)
-    mapper = ep.Map(MemberModel("devices"), init_map_size=N, behavior="pmap", axis_name="devices")
+    mapper = ep.Map(
+        MemberModel("devices"), init_map_size=N, behavior="pmap", axis_name="devices"
+    )
     mapper = mapper.init_all_states(layer_size=16, key=key)
     w = np.asarray(mapper.module.weight.value)
     for i in range(N):
         np.testing.assert_allclose(w[i], _member_weight(key, i, 16), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(mapper.module.bias.value), np.repeat(np.arange(N)[:, None], 16, 1))
+    np.testing.assert_array_equal(
+        np.asarray(mapper.module.bias.value), np.repeat(np.arange(N)[:, None], 16, 1)
+    )
 
     x = np.asarray(jax.random.normal(jax.random.key(2), (N, 3, 16)))
     out = mapper(x)
     assert out.shape == (N, 3, 16)
-    np.testing.assert_allclose(np.asarray(out), np.tanh(x * w[:, None, :]) + np.arange(N)[:, None, None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out),
+        np.tanh(x * w[:, None, :]) + np.arange(N)[:, None, None],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     for i in range(N):  # against a loop over the members
-        np.testing.assert_allclose(np.asarray(out)[i], np.tanh(x[i] * w[i]) + i, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(out)[i], np.tanh(x[i] * w[i]) + i, rtol=1e-5, atol=1e-6
+        )
     # a second call with new inputs of the same shape
     out2 = np.asarray(mapper(2 * x))
-    np.testing.assert_allclose(out2[3], np.tanh(2 * x[3] * w[3]) + 3, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out2[3], np.tanh(2 * x[3] * w[3]) + 3, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_pmap_broadcast_inputs(leaks):
     key = jax.random.key(0)
-    mapper = ep.Map(MemberModel("devices"), init_map_size=N, behavior="pmap", in_axes=None)
+    mapper = ep.Map(
+        MemberModel("devices"), init_map_size=N, behavior="pmap", in_axes=None
+    )
     mapper = mapper.init_all_states(layer_size=4, key=key)
     x = np.ones((2, 4), np.float32)  # the same input for every member
     out = mapper(x)
@@ -102,7 +126,9 @@ def test_pmap_broadcast_inputs(leaks):
 @pytest.mark.parametrize("size", [3, N])
 def test_vmap_ensemble(size, leaks):
     key = jax.random.key(5)
-    mapper = ep.Map(MemberModel("ens"), init_map_size=size, behavior="vmap", axis_name="ens")
+    mapper = ep.Map(
+        MemberModel("ens"), init_map_size=size, behavior="vmap", axis_name="ens"
+    )
     new = mapper.init_all_states(layer_size=16, key=key)
     assert new is not mapper and mapper.module.weight is None
     w = np.asarray(new.module.weight.value)
@@ -116,7 +142,9 @@ def test_vmap_ensemble(size, leaks):
     assert out.shape == (size, 5, 16)
     out = np.asarray(out)
     for i in range(size):
-        np.testing.assert_allclose(out[i], np.tanh(x[i] * w[i]) + i, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            out[i], np.tanh(x[i] * w[i]) + i, rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("behavior", ["pmap", "vmap"])
@@ -144,7 +172,9 @@ def test_init_state_axes(behavior, leaks):
 
 
 def test_state_tag(leaks):
-    mapper = ep.Map(ParallelModel(), init_map_size=N, behavior="pmap", state_tag="mapped")
+    mapper = ep.Map(
+        ParallelModel(), init_map_size=N, behavior="pmap", state_tag="mapped"
+    )
     mapper = mapper.init_all_states(layer_size=4)
     assert mapper.module.weight.tag == "mapped"
     assert mapper.module.bias.tag == "mapped"

@@ -1,28 +1,19 @@
 """`pmap2_new_states` and `vmap2_new_states`: forms, layout, values, priority, caching."""
 
-import copy
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from helpers import _idx, assert_laid_out, BNNet
+from jax.sharding import Mesh, PartitionSpec as P
 
 import eqx_pmapstate as ep
-from helpers import BNNet, _idx, _spec, assert_laid_out
-from eqx_pmapstate.filters import OfType, PathContains, WithTag
+from eqx_pmapstate.filters import OfType, WithTag
 
 
 N = 8
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------- the init_state form
@@ -73,7 +64,9 @@ def test_submodule_init_state_and_kwargs_by_signature(leaks):
     assert out.inner.h.value.shape == (N, 3)
     assert out.extra.value.shape == (N, 3)
     h = np.asarray(out.inner.h.value)
-    np.testing.assert_array_equal(h, np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1))
+    np.testing.assert_array_equal(
+        h, np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1)
+    )
     np.testing.assert_array_equal(np.asarray(out.extra.value), 2.0 * h)
     assert_laid_out(out.extra.value, 0)
 
@@ -93,7 +86,10 @@ class Held(eqx.Module):
 
     def init_state(self):
         return eqx.tree_at(
-            lambda m: m.s, self, ep.ShortTermState(self.w * 2.0), is_leaf=lambda x: x is None
+            lambda m: m.s,
+            self,
+            ep.ShortTermState(self.w * 2.0),
+            is_leaf=lambda x: x is None,
         )
 
 
@@ -104,7 +100,9 @@ def test_preexisting_leaves_come_back_unchanged_and_undistributed(leaks):
     out = ep.pmap2_new_states(m)
     # the new state is distributed, and built from the held leaf
     assert out.s.value.shape == (N, 3)
-    np.testing.assert_array_equal(np.asarray(out.s.value), np.tile(2.0 * np.arange(3.0), (N, 1)))
+    np.testing.assert_array_equal(
+        np.asarray(out.s.value), np.tile(2.0 * np.arange(3.0), (N, 1))
+    )
     # the held leaves: the very same objects, not copies laid out over the mesh
     assert out.w is w
     assert out.p.value is pv
@@ -176,7 +174,10 @@ def test_module_class_as_callable(leaks):
 
 def test_factory_function(leaks):
     def make(size):
-        return {"a": ep.ShortTermState(jnp.zeros((size,))), "n": ep.NonBatchState(jnp.arange(size))}
+        return {
+            "a": ep.ShortTermState(jnp.zeros((size,))),
+            "n": ep.NonBatchState(jnp.arange(size)),
+        }
 
     out = ep.pmap2_new_states(make, {"size": 4})
     assert out["a"].value.shape == (N, 4)
@@ -186,15 +187,15 @@ def test_factory_function(leaks):
     np.testing.assert_array_equal(np.asarray(out["n"].value), np.arange(4))
 
 
-
-
 def test_make_with_state(leaks):
     key = jax.random.key(1)
     net, state = ep.pmap2_new_states(eqx.nn.make_with_state(BNNet), {"key": key})
     ref_net, ref_state = eqx.nn.make_with_state(BNNet)(key)
     assert net.linear.weight.shape == (N, 2, 3)
     for i in range(N):  # a broadcast key: every device builds the same model
-        np.testing.assert_allclose(np.asarray(net.linear.weight[i]), np.asarray(ref_net.linear.weight))
+        np.testing.assert_allclose(
+            np.asarray(net.linear.weight[i]), np.asarray(ref_net.linear.weight)
+        )
     for x, r in zip(jtu.tree_leaves(state), jtu.tree_leaves(ref_state)):
         assert x.shape == (N,) + r.shape
         assert_laid_out(x, 0)
@@ -250,7 +251,9 @@ def test_per_device_keys_give_different_values(leaks):
     x = np.asarray(out.value)
     assert x.shape == (N, 4)
     for i in range(N):
-        np.testing.assert_allclose(x[i], np.asarray(jax.random.normal(keys[i], (4,))), rtol=1e-6)
+        np.testing.assert_allclose(
+            x[i], np.asarray(jax.random.normal(keys[i], (4,))), rtol=1e-6
+        )
     assert len({tuple(row) for row in x.tolist()}) == N
 
 
@@ -264,7 +267,9 @@ def test_broadcast_key_gives_identical_values(leaks):
     x = np.asarray(out.value)
     assert x.shape == (N, 4)
     for i in range(N):
-        np.testing.assert_allclose(x[i], np.asarray(jax.random.normal(key, (4,))), rtol=1e-6)
+        np.testing.assert_allclose(
+            x[i], np.asarray(jax.random.normal(key, (4,))), rtol=1e-6
+        )
 
 
 def test_raw_uint32_keys_per_device(leaks):
@@ -275,7 +280,9 @@ def test_raw_uint32_keys_per_device(leaks):
 
     out = ep.pmap2_new_states(make, {"key": keys}, init_in_axes={"key": 0})
     x = np.asarray(out.value)
-    np.testing.assert_allclose(x[5], np.asarray(jax.random.uniform(keys[5], (2,))), rtol=1e-6)
+    np.testing.assert_allclose(
+        x[5], np.asarray(jax.random.uniform(keys[5], (2,))), rtol=1e-6
+    )
     assert not np.allclose(x[0], x[1])
 
 
@@ -287,7 +294,9 @@ def test_init_in_axes_nonzero_axis_and_pytree_prefix(leaks):
 
     args = {"a": cols, "b": jnp.arange(2.0)}
     out = ep.pmap2_new_states(
-        make, {"args": args, "scale": jnp.float32(2.0)}, init_in_axes={"args": {"a": 1, "b": None}}
+        make,
+        {"args": args, "scale": jnp.float32(2.0)},
+        init_in_axes={"args": {"a": 1, "b": None}},
     )
     assert out["a"].value.shape == (N, 3)
     np.testing.assert_array_equal(np.asarray(out["a"].value), 2.0 * np.asarray(cols).T)
@@ -297,7 +306,14 @@ def test_init_in_axes_nonzero_axis_and_pytree_prefix(leaks):
 
 @pytest.mark.parametrize(
     "axis, shape",
-    [(0, (N, 3, 5)), (1, (3, N, 5)), (2, (3, 5, N)), (-1, (3, 5, N)), (-2, (3, N, 5)), (-3, (N, 3, 5))],
+    [
+        (0, (N, 3, 5)),
+        (1, (3, N, 5)),
+        (2, (3, 5, N)),
+        (-1, (3, 5, N)),
+        (-2, (3, N, 5)),
+        (-3, (N, 3, 5)),
+    ],
 )
 def test_axis_position(axis, shape, leaks):
     def make():
@@ -336,12 +352,16 @@ def _mixed():
 
 
 def test_nonbatchstate_is_replicated_even_if_a_filter_names_axis_0(leaks):
-    out = ep.pmap2_new_states(_mixed, state_out_axes={0: OfType(ep.NonBatchState), 1: ep.ParamState})
+    out = ep.pmap2_new_states(
+        _mixed, state_out_axes={0: OfType(ep.NonBatchState), 1: ep.ParamState}
+    )
     assert out["nb"].value.shape == (3,)
     assert_laid_out(out["nb"].value, None)
     assert out["p"].value.shape == (2, N)
 
-    out = ep.pmap2_new_states(_mixed, state_out_axes={1: ...})  # catch-all does not catch it either
+    out = ep.pmap2_new_states(
+        _mixed, state_out_axes={1: ...}
+    )  # catch-all does not catch it either
     assert out["nb"].value.shape == (3,)
     assert out["s"].value.shape == (2, N)
 
@@ -364,7 +384,9 @@ def test_unmatched_states_go_to_axis_0(leaks):
 
 
 def test_catch_all_counts_only_when_nothing_else_matched(leaks):
-    out = ep.pmap2_new_states(_mixed, state_out_axes={None: ..., 1: ep.ParamState, -1: "t"})
+    out = ep.pmap2_new_states(
+        _mixed, state_out_axes={None: ..., 1: ep.ParamState, -1: "t"}
+    )
     assert out["p"].value.shape == (2, N)  # ParamState wins over the catch-all
     assert out["t"].value.shape == (2, N)
     assert_laid_out(out["t"].value, 1)
@@ -372,7 +394,9 @@ def test_catch_all_counts_only_when_nothing_else_matched(leaks):
     assert out["bare"].shape == (2,)
     assert_laid_out(out["s"].value, None)
 
-    out = ep.pmap2_new_states(_mixed, state_out_axes={1: True, 0: ep.ParamState})  # True too
+    out = ep.pmap2_new_states(
+        _mixed, state_out_axes={1: True, 0: ep.ParamState}
+    )  # True too
     assert out["p"].value.shape == (N, 2)
     assert out["s"].value.shape == (2, N)
 
@@ -414,7 +438,10 @@ def test_state_tag_written_into_new_untagged_markers(leaks):
 
 def test_state_tag_is_visible_to_filters(leaks):
     def make():
-        return {"a": ep.ParamState(jnp.zeros(2)), "b": ep.ParamState(jnp.zeros(2), tag="mine")}
+        return {
+            "a": ep.ParamState(jnp.zeros(2)),
+            "b": ep.ParamState(jnp.zeros(2), tag="mine"),
+        }
 
     out = ep.pmap2_new_states(make, state_tag="new", state_out_axes={1: WithTag("new")})
     assert out["a"].value.shape == (2, N)
@@ -437,13 +464,15 @@ def test_inputs_are_never_changed(leaks):
         p: ep.ParamState | None = None
 
         def init_state(self, cfg, size):
-            p = ep.ParamState(jax.random.normal(cfg["k"], (size,)) + self.w[: size])
+            p = ep.ParamState(jax.random.normal(cfg["k"], (size,)) + self.w[:size])
             return eqx.tree_at(lambda m: m.p, self, p, is_leaf=lambda x: x is None)
 
     w = jnp.arange(4.0)
     m = M(w)
     m_leaves = jtu.tree_leaves(m)
-    out = ep.pmap2_new_states(m, init_kwargs, state_out_axes=out_axes, init_in_axes=in_axes)
+    out = ep.pmap2_new_states(
+        m, init_kwargs, state_out_axes=out_axes, init_in_axes=in_axes
+    )
     assert out.p.value.shape == (3, N)
     assert init_kwargs == before and all(init_kwargs[k] is before[k] for k in before)
     assert nested == nested_before and nested["k"] is key
@@ -474,7 +503,10 @@ def test_devices_mesh_with_axis_name(leaks):
     mesh = Mesh(np.array(devs), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def make():
-        return {"i": ep.ShortTermState(jax.lax.axis_index("batch")), "r": ep.NonBatchState(jnp.ones(2))}
+        return {
+            "i": ep.ShortTermState(jax.lax.axis_index("batch")),
+            "r": ep.NonBatchState(jnp.ones(2)),
+        }
 
     out = ep.pmap2_new_states(make, devices=mesh, axis_name="batch")
     x = out["i"].value
@@ -505,7 +537,10 @@ def test_axis_name(leaks):
 
 def test_results_work_in_jit_and_shard_map(leaks):
     def make():
-        return {"a": ep.ShortTermState(_idx()), "r": ep.NonBatchState(jnp.array([1.0, 2.0, 3.0]))}
+        return {
+            "a": ep.ShortTermState(_idx()),
+            "r": ep.NonBatchState(jnp.array([1.0, 2.0, 3.0])),
+        }
 
     out = ep.pmap2_new_states(make)
     a, r = out["a"].value, out["r"].value
@@ -520,7 +555,11 @@ def test_results_work_in_jit_and_shard_map(leaks):
         assert r_local.shape == (3,)
         return a_local * 2.0 + jnp.sum(r_local)
 
-    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("devices"), P()), out_specs=P("devices")))
+    f = jax.jit(
+        jax.shard_map(
+            body, mesh=mesh, in_specs=(P("devices"), P()), out_specs=P("devices")
+        )
+    )
     y = f(a, r)
     np.testing.assert_array_equal(np.asarray(y), 2.0 * np.arange(N) + 6.0)
     assert y.sharding.spec == a.sharding.spec
@@ -528,7 +567,9 @@ def test_results_work_in_jit_and_shard_map(leaks):
     g = jax.jit(
         jax.shard_map(
             lambda a_local: jax.lax.psum(a_local, "devices"),
-            mesh=mesh, in_specs=P("devices"), out_specs=P(),
+            mesh=mesh,
+            in_specs=P("devices"),
+            out_specs=P(),
         )
     )
     assert float(g(a)[0]) == 28.0
@@ -544,17 +585,29 @@ def test_cache_factory_not_traced_again(leaks):
         calls.append(1)
         return ep.ParamState(jax.random.normal(key, (n,)))
 
-    ep.pmap2_new_states(make, {"n": 3, "key": jax.random.key(0)}, state_out_axes={0: OfType(ep.ParamState)})
+    ep.pmap2_new_states(
+        make,
+        {"n": 3, "key": jax.random.key(0)},
+        state_out_axes={0: OfType(ep.ParamState)},
+    )
     first = len(calls)
     assert first >= 1
     out = ep.pmap2_new_states(
-        make, {"n": 3, "key": jax.random.key(1)}, state_out_axes={0: OfType(ep.ParamState)}
+        make,
+        {"n": 3, "key": jax.random.key(1)},
+        state_out_axes={0: OfType(ep.ParamState)},
     )
     assert len(calls) == first  # a fresh but equal filter, new key values: no trace
     np.testing.assert_allclose(
-        np.asarray(out.value[0]), np.asarray(jax.random.normal(jax.random.key(1), (3,))), rtol=1e-6
+        np.asarray(out.value[0]),
+        np.asarray(jax.random.normal(jax.random.key(1), (3,))),
+        rtol=1e-6,
     )
-    ep.pmap2_new_states(make, {"n": 4, "key": jax.random.key(0)}, state_out_axes={0: OfType(ep.ParamState)})
+    ep.pmap2_new_states(
+        make,
+        {"n": 4, "key": jax.random.key(0)},
+        state_out_axes={0: OfType(ep.ParamState)},
+    )
     assert len(calls) > first  # another static value: traced again
 
 
@@ -572,7 +625,9 @@ def test_cache_init_state_module_not_traced_again(leaks):
     ep.pmap2_new_states(C(jnp.ones(2)), {"size": 2})
     first = len(calls)
     assert first >= 1
-    out = ep.pmap2_new_states(C(jnp.array([5.0, 5.0])), {"size": 2})  # a fresh, equal-shaped module
+    out = ep.pmap2_new_states(
+        C(jnp.array([5.0, 5.0])), {"size": 2}
+    )  # a fresh, equal-shaped module
     assert len(calls) == first
     np.testing.assert_array_equal(np.asarray(out.s.value), np.full((N, 2), 5.0))
 
@@ -623,15 +678,21 @@ def test_vmap_needs_axis_size():
         ep.vmap2_new_states(Counter())
 
 
-@pytest.mark.parametrize("axis, shape", [(0, (4, 3, 5)), (1, (3, 4, 5)), (-1, (3, 5, 4)), (None, (3, 5))])
+@pytest.mark.parametrize(
+    "axis, shape", [(0, (4, 3, 5)), (1, (3, 4, 5)), (-1, (3, 5, 4)), (None, (3, 5))]
+)
 def test_vmap_axes(axis, shape, leaks):
     def make():
         return {
-            "s": ep.ShortTermState(jnp.zeros((3, 5)) + (0.0 if axis is None else _idx("ens"))),
+            "s": ep.ShortTermState(
+                jnp.zeros((3, 5)) + (0.0 if axis is None else _idx("ens"))
+            ),
             "nb": ep.NonBatchState(jnp.ones(2)),
         }
 
-    out = ep.vmap2_new_states(make, axis_size=4, state_out_axes={axis: ...}, axis_name="ens")
+    out = ep.vmap2_new_states(
+        make, axis_size=4, state_out_axes={axis: ...}, axis_name="ens"
+    )
     x = out["s"].value
     assert x.shape == shape
     assert len(x.devices()) == 1
@@ -652,11 +713,15 @@ def test_vmap_init_state_module_and_per_member_keys(leaks):
         def init_state(self, key):
             return Ens(ep.ParamState(jax.random.normal(key, (2,))))
 
-    out = ep.vmap2_new_states(Ens(), {"key": keys}, axis_size=3, init_in_axes={"key": 0})
+    out = ep.vmap2_new_states(
+        Ens(), {"key": keys}, axis_size=3, init_in_axes={"key": 0}
+    )
     x = np.asarray(out.w.value)
     assert x.shape == (3, 2)
     for i in range(3):
-        np.testing.assert_allclose(x[i], np.asarray(jax.random.normal(keys[i], (2,))), rtol=1e-6)
+        np.testing.assert_allclose(
+            x[i], np.asarray(jax.random.normal(keys[i], (2,))), rtol=1e-6
+        )
     assert not np.allclose(x[0], x[1])
 
 
@@ -672,7 +737,10 @@ def test_vmap_varying_replicated_state_from_keys_names_path(leaks):
     keys = jax.random.split(jax.random.key(0), 4)
 
     def make(key):
-        return {"ok": ep.State(jnp.zeros(2)), "bad": ep.NonBatchState(jax.random.normal(key, (2,)))}
+        return {
+            "ok": ep.State(jnp.zeros(2)),
+            "bad": ep.NonBatchState(jax.random.normal(key, (2,))),
+        }
 
     with pytest.raises(ValueError, match=r"\['bad'\]"):
         ep.vmap2_new_states(make, {"key": keys}, axis_size=4, init_in_axes={"key": 0})

@@ -7,21 +7,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from helpers import _idx, assert_laid_out
+from jax.sharding import Mesh, PartitionSpec as P
 
 import eqx_pmapstate as ep
-from helpers import _idx, _spec, assert_laid_out
 from eqx_pmapstate.filters import OfType, WithTag
 
 
 N = 8
-
-
-
-
-
-
 
 
 def _shards(x):
@@ -46,7 +39,9 @@ def test_bare_decorator(leaks):
     assert seen and all(s == (3,) for s in seen)  # the device axis is removed
     assert y.shape == (N, 3)
     assert_laid_out(y, 0)
-    np.testing.assert_array_equal(np.asarray(y), np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1))
+    np.testing.assert_array_equal(
+        np.asarray(y), np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1)
+    )
 
 
 def test_decorator_with_arguments(leaks):
@@ -62,7 +57,9 @@ def test_decorator_with_arguments(leaks):
     out = f(x, y)
     assert all(s == ((2,), (2,)) for s in seen)
     assert_laid_out(out, 0, name="batch")
-    np.testing.assert_array_equal(np.asarray(out), np.arange(N, dtype=np.float32)[:, None] + np.asarray(y))
+    np.testing.assert_array_equal(
+        np.asarray(out), np.arange(N, dtype=np.float32)[:, None] + np.asarray(y)
+    )
 
 
 class Plain:
@@ -104,7 +101,10 @@ class Scaled(eqx.Module):
 
 
 def _make_scaled():
-    return Scaled(ep.NonBatchState(jnp.array([1.0, 2.0])), ep.ShortTermState(jnp.zeros(2) + _idx()))
+    return Scaled(
+        ep.NonBatchState(jnp.array([1.0, 2.0])),
+        ep.ShortTermState(jnp.zeros(2) + _idx()),
+    )
 
 
 def test_on_a_method_of_an_equinox_module(leaks):
@@ -114,7 +114,9 @@ def test_on_a_method_of_an_equinox_module(leaks):
     x = np.ones((N, 2), np.float32)
     out = m(x)
     assert_laid_out(out, 0)
-    np.testing.assert_array_equal(np.asarray(out), np.array([1.0, 2.0]) + np.arange(N)[:, None])
+    np.testing.assert_array_equal(
+        np.asarray(out), np.array([1.0, 2.0]) + np.arange(N)[:, None]
+    )
     tot = m.total(x)
     assert tot.shape == (2,)
     assert_laid_out(tot, None)
@@ -301,7 +303,9 @@ def test_in_axes_pytree_prefix(leaks):
         return d["a"] * d["b"][0]
 
     cols = np.arange(3 * N, dtype=np.float32).reshape(3, N)
-    out = g({"a": cols, "b": np.full((N + 1,), 2.0, np.float32)})  # b's length is irrelevant
+    out = g(
+        {"a": cols, "b": np.full((N + 1,), 2.0, np.float32)}
+    )  # b's length is irrelevant
     assert seen[-1] == ((3,), (N + 1,))
     assert_laid_out(out, 0)
     np.testing.assert_array_equal(np.asarray(out), 2.0 * cols.T)
@@ -370,11 +374,16 @@ def _make_model():
 
 
 def _make_state():
-    return {"count": ep.ShortTermState(jnp.zeros((), jnp.int32)), "h": ep.ShortTermState(jnp.zeros(3) + _idx())}
+    return {
+        "count": ep.ShortTermState(jnp.zeros((), jnp.int32)),
+        "h": ep.ShortTermState(jnp.zeros(3) + _idx()),
+    }
 
 
 def test_layout_kept_over_ten_steps(leaks):
-    model = ep.pmap2_new_states(_make_model, state_out_axes={None: OfType(ep.ParamState), 1: "a1", -1: "am1"})
+    model = ep.pmap2_new_states(
+        _make_model, state_out_axes={None: OfType(ep.ParamState), 1: "a1", -1: "am1"}
+    )
     state = ep.pmap2_new_states(_make_state)
     before = [(x.shape, x.sharding) for x in jtu.tree_leaves((model, state))]
     assert_laid_out(model["w"].value, None)
@@ -391,7 +400,10 @@ def test_layout_kept_over_ten_steps(leaks):
             "a1": ep.State(model["a1"].value + 2, tag="a1"),
             "am1": ep.State(model["am1"].value + 3, tag="am1"),
         }
-        state = {"count": ep.ShortTermState(state["count"].value + 1), "h": ep.ShortTermState(state["h"].value + batch)}
+        state = {
+            "count": ep.ShortTermState(state["count"].value + 1),
+            "h": ep.ShortTermState(state["h"].value + batch),
+        }
         return model, state
 
     batch = np.arange(N * 3, dtype=np.float32).reshape(N, 3)
@@ -404,10 +416,22 @@ def test_layout_kept_over_ten_steps(leaks):
     assert_laid_out(model["am1"].value, 2)
     assert_laid_out(state["count"].value, 0)
     i = np.arange(N, dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(model["w"].value), np.array([1.0, -1.0, 0.5]) - 10 * 0.5 * batch.mean(), rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(model["a0"].value), np.broadcast_to(i[:, None, None] + 10, (N, 2, 3)))
-    np.testing.assert_array_equal(np.moveaxis(np.asarray(model["a1"].value), 1, 0), np.broadcast_to(i[:, None, None] + 20, (N, 2, 3)))
-    np.testing.assert_array_equal(np.moveaxis(np.asarray(model["am1"].value), 2, 0), np.broadcast_to(i[:, None, None] + 30, (N, 2, 3)))
+    np.testing.assert_allclose(
+        np.asarray(model["w"].value),
+        np.array([1.0, -1.0, 0.5]) - 10 * 0.5 * batch.mean(),
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(model["a0"].value), np.broadcast_to(i[:, None, None] + 10, (N, 2, 3))
+    )
+    np.testing.assert_array_equal(
+        np.moveaxis(np.asarray(model["a1"].value), 1, 0),
+        np.broadcast_to(i[:, None, None] + 20, (N, 2, 3)),
+    )
+    np.testing.assert_array_equal(
+        np.moveaxis(np.asarray(model["am1"].value), 2, 0),
+        np.broadcast_to(i[:, None, None] + 30, (N, 2, 3)),
+    )
     np.testing.assert_array_equal(np.asarray(state["count"].value), np.full(N, 10))
     np.testing.assert_allclose(np.asarray(state["h"].value), i[:, None] + 10 * batch)
 
@@ -431,7 +455,9 @@ def test_per_device_state_stays_per_device_when_made_equal(leaks):
 def test_rule_1_pairs_tuple_elements_with_arguments_by_position(leaks):
     # a and b have the same structure but different layouts
     a = ep.pmap2_new_states(lambda: ep.State(jnp.zeros((2, 3)) + _idx()))
-    b = ep.pmap2_new_states(lambda: ep.State(jnp.zeros((2, 3)) + _idx()), state_out_axes={1: ...})
+    b = ep.pmap2_new_states(
+        lambda: ep.State(jnp.zeros((2, 3)) + _idx()), state_out_axes={1: ...}
+    )
     assert a.value.shape == (N, 2, 3) and b.value.shape == (2, N, 3)
     assert jtu.tree_structure(a) == jtu.tree_structure(b)
 
@@ -448,10 +474,17 @@ def test_rule_1_pairs_tuple_elements_with_arguments_by_position(leaks):
     # an element that matches no argument falls to rule 2
     @ep.pmap2
     def step2(a, b):
-        return ep.State(a.value + 1), ep.State(b.value + 2), jax.lax.psum(a.value[0, 0], "devices"), a.value[0, 0]
+        return (
+            ep.State(a.value + 1),
+            ep.State(b.value + 2),
+            jax.lax.psum(a.value[0, 0], "devices"),
+            a.value[0, 0],
+        )
 
     a3, b3, total, each = step2(a, b)
-    assert a3.value.sharding == a.value.sharding and b3.value.sharding == b.value.sharding
+    assert (
+        a3.value.sharding == a.value.sharding and b3.value.sharding == b.value.sharding
+    )
     assert_laid_out(total, None)
     np.testing.assert_allclose(np.asarray(total), 28.0)
     assert_laid_out(each, 0)
@@ -460,7 +493,9 @@ def test_rule_1_pairs_tuple_elements_with_arguments_by_position(leaks):
 
 def test_rule_1_on_the_whole_return_value(leaks):
     a = ep.pmap2_new_states(lambda: ep.State(jnp.zeros((2, 3)) + _idx()))
-    b = ep.pmap2_new_states(lambda: ep.State(jnp.zeros((2, 3)) + _idx()), state_out_axes={-1: ...})
+    b = ep.pmap2_new_states(
+        lambda: ep.State(jnp.zeros((2, 3)) + _idx()), state_out_axes={-1: ...}
+    )
 
     @ep.pmap2
     def step(pair):
@@ -555,7 +590,9 @@ def test_out_axes_overrides_rule_1(leaks):
 
 
 def test_out_axes_state_axes(leaks):
-    @ep.pmap2(out_axes=ep.StateAxes({1: WithTag("t"), None: OfType(ep.NonBatchState), 0: ...}))
+    @ep.pmap2(
+        out_axes=ep.StateAxes({1: WithTag("t"), None: OfType(ep.NonBatchState), 0: ...})
+    )
     def f(x):
         return {
             "t": ep.State(jnp.stack([x, x]), tag="t"),
@@ -580,7 +617,10 @@ def test_out_axes_state_axes(leaks):
 
 def _replicated_model():
     return ep.pmap2_new_states(
-        lambda: {"w": ep.ParamState(jnp.array([1.0, 2.0])), "s": ep.ShortTermState(jnp.zeros(2))},
+        lambda: {
+            "w": ep.ParamState(jnp.array([1.0, 2.0])),
+            "s": ep.ShortTermState(jnp.zeros(2)),
+        },
         state_out_axes={None: OfType(ep.ParamState)},
     )
 
@@ -607,11 +647,15 @@ def test_replicated_output_that_drifts_is_a_run_time_error():
     @ep.pmap2
     def step(model, x):
         w = model["w"].value
-        g = jax.grad(lambda w: jnp.sum(w * x))(w)  # no pmean: each device its own gradient
+        g = jax.grad(lambda w: jnp.sum(w * x))(
+            w
+        )  # no pmean: each device its own gradient
         return {"w": ep.ParamState(w - g), "s": model["s"]}
 
     x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
-    with pytest.raises(jax.errors.JaxRuntimeError, match=r"(?s)\['w'\]\.value.*same on every device"):
+    with pytest.raises(
+        jax.errors.JaxRuntimeError, match=r"(?s)\['w'\]\.value.*same on every device"
+    ):
         out = step(model, x)
         jax.block_until_ready(out)
 
@@ -633,7 +677,9 @@ def test_replicated_output_with_pmean_is_fine(leaks):
     for shard in _shards(out["w"].value):
         np.testing.assert_allclose(shard, expected, rtol=1e-6)
     out = jax.block_until_ready(step(out, x))
-    np.testing.assert_allclose(np.asarray(out["w"].value), expected - x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["w"].value), expected - x.mean(0), rtol=1e-6
+    )
 
 
 def test_check_replicated_false_lets_a_drift_through_silently():
@@ -655,7 +701,9 @@ def test_check_replicated_false_lets_a_drift_through_silently():
     assert not np.allclose(shards[0], shards[1])
 
 
-def test_the_run_time_check_does_not_flag_a_correct_update_with_a_device_axis_output(leaks):
+def test_the_run_time_check_does_not_flag_a_correct_update_with_a_device_axis_output(
+    leaks,
+):
     # a per-device output next to a checked replicated one: no false alarm
     model = _replicated_model()
 
@@ -730,7 +778,9 @@ def test_donate_all_except_first(leaks):
 
 def test_a_repeated_call_does_not_trace_again(leaks):
     calls = []
-    model = ep.pmap2_new_states(_make_model, state_out_axes={None: OfType(ep.ParamState), 1: "a1", -1: "am1"})
+    model = ep.pmap2_new_states(
+        _make_model, state_out_axes={None: OfType(ep.ParamState), 1: "a1", -1: "am1"}
+    )
 
     @ep.pmap2
     def step(model, x, scale):
@@ -743,7 +793,9 @@ def test_a_repeated_call_does_not_trace_again(leaks):
     assert first >= 1
     for _ in range(3):
         model, _ = step(model, x, 2.0)
-        model, _ = step(model, np.zeros((N, 2), np.float32), 2.0)  # new values, same signature
+        model, _ = step(
+            model, np.zeros((N, 2), np.float32), 2.0
+        )  # new values, same signature
     assert len(calls) == first
     # a new shape, or a new static value, does trace again
     step(model, np.ones((N, 3), np.float32), 2.0)
@@ -780,14 +832,20 @@ def test_inputs_on_two_meshes():
         f(a, b)
 
     # the same devices in another order are another mesh too
-    reordered = Mesh(np.array(jax.devices()[::-1]), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    reordered = Mesh(
+        np.array(jax.devices()[::-1]),
+        ("devices",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+    )
     c = ep.pmap2_new_states(lambda: ep.State(jnp.zeros(2)), devices=reordered)
     with pytest.raises(ValueError, match="mesh"):
         f(a, c)
 
 
 def test_inputs_on_a_smaller_mesh_run_there(leaks):
-    b = ep.pmap2_new_states(lambda: ep.State(jnp.zeros(2) + _idx()), devices=jax.devices()[:4])
+    b = ep.pmap2_new_states(
+        lambda: ep.State(jnp.zeros(2) + _idx()), devices=jax.devices()[:4]
+    )
 
     @ep.pmap2
     def f(b):

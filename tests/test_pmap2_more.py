@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 
@@ -26,7 +25,9 @@ def test_inside_jit(leaks):
 def test_inside_jit_tracers_need_their_axes_given():
     # Inside `jax.jit` a tracer has no layout to read: like a host array, it is mapped
     # over axis 0 unless `in_axes` says otherwise.
-    scale = ep.pmap2(in_axes=(None, 0))(lambda w, x: w * jax.lax.pmean(x.sum(), "devices"))
+    scale = ep.pmap2(in_axes=(None, 0))(
+        lambda w, x: w * jax.lax.pmean(x.sum(), "devices")
+    )
     w = _replicated(jnp.ones(3))
     x = np.ones((8, 2), np.float32)
     out = jax.jit(scale)(w, x)
@@ -35,7 +36,9 @@ def test_inside_jit_tracers_need_their_axes_given():
 
 
 def test_grad_through_pmap2():
-    f = ep.pmap2(in_axes=(None, 0))(lambda w, x: jax.lax.psum(jnp.sum(w * x), "devices"))
+    f = ep.pmap2(in_axes=(None, 0))(
+        lambda w, x: jax.lax.psum(jnp.sum(w * x), "devices")
+    )
     w = _replicated(jnp.ones(3))
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     g = jax.grad(f)(w, x)
@@ -47,12 +50,18 @@ def test_weak_and_strong_inputs_share_the_layout_decisions():
     per = NamedSharding(mesh, P("devices"))
     add = ep.pmap2(lambda x, y: x + y)
     strong = jax.device_put(jnp.ones((8, 3), jnp.bfloat16), per)
-    weak = jax.device_put(jnp.broadcast_to(jnp.asarray(2.0), (8, 3)), per)  # weak float32
+    weak = jax.device_put(
+        jnp.broadcast_to(jnp.asarray(2.0), (8, 3)), per
+    )  # weak float32
     assert weak.weak_type and not strong.weak_type
     with jax.numpy_dtype_promotion("standard"):
         a = add(strong, jax.device_put(jnp.ones((8, 3), jnp.float32), per))
-        b = add(strong, weak)  # same shapes, dtypes and layouts: only the weak type differs
-    assert a.dtype == jnp.float32 and b.dtype == jnp.bfloat16  # jax.jit's promotion, per call
+        b = add(
+            strong, weak
+        )  # same shapes, dtypes and layouts: only the weak type differs
+    assert (
+        a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
+    )  # jax.jit's promotion, per call
     np.testing.assert_array_equal(np.asarray(b, np.float32), np.full((8, 3), 3.0))
     assert b.sharding == per
 

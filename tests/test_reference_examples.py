@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import _none, ParallelModel  # the page's second example's model
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType, PathContains
-from helpers import ParallelModel, _none  # the page's second example's model
 
 
 # --------------------------------------------------------------------------- example 1
@@ -20,13 +20,17 @@ class ParallelCounter(eqx.Module):
     count: ep.ShortTermState | None = None
 
     def init_state(self):
-        return eqx.tree_at(lambda m: m.count, self, ep.ShortTermState(jnp.array(0)), is_leaf=_none)
+        return eqx.tree_at(
+            lambda m: m.count, self, ep.ShortTermState(jnp.array(0)), is_leaf=_none
+        )
 
 
 def test_example_1_basic_parallel_initialization(leaks):
     n = jax.local_device_count()
     module = ParallelCounter()
-    module = ep.pmap2_new_states(module, init_kwargs={}, axis_size=jax.local_device_count())
+    module = ep.pmap2_new_states(
+        module, init_kwargs={}, axis_size=jax.local_device_count()
+    )
     assert module.count.value.shape == (n,)
     assert module.count.value.sharding.spec == P("devices")
     np.testing.assert_array_equal(np.asarray(module.count.value), np.zeros(n))
@@ -56,7 +60,9 @@ def test_example_2_device_sharded_parameters(leaks):
     expected = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (128,)))
     for shard in model.weight.value.addressable_shards:
         np.testing.assert_allclose(np.asarray(shard.data)[0], expected, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(model.bias.value), np.zeros((n_devices, 128)))
+    np.testing.assert_array_equal(
+        np.asarray(model.bias.value), np.zeros((n_devices, 128))
+    )
     layout = ep.states_by_axis(model)
     assert list(layout) == [0]
     assert [type(s) for _, s in layout[0]] == [ep.ParamState, ep.ParamState]
@@ -74,12 +80,17 @@ class MixedParallelModule(eqx.Module):
         local_state = ep.ShortTermState(jnp.array(0))
         global_config = ep.NonBatchState(jnp.array([1.0, 2.0, 3.0]))
         return eqx.tree_at(
-            lambda m: (m.local_state, m.global_config), self, (local_state, global_config), is_leaf=_none
+            lambda m: (m.local_state, m.global_config),
+            self,
+            (local_state, global_config),
+            is_leaf=_none,
         )
 
 
 def test_example_3_mixed_replicated_and_sharded(leaks):
-    module = ep.pmap2_new_states(MixedParallelModule(), init_kwargs={}, axis_size=jax.local_device_count())
+    module = ep.pmap2_new_states(
+        MixedParallelModule(), init_kwargs={}, axis_size=jax.local_device_count()
+    )
     assert module.local_state.value.shape == (jax.local_device_count(),)  # sharded
     assert module.global_config.value.shape == (3,)  # replicated (not sharded)
     assert module.local_state.value.sharding.spec == P("devices")
@@ -107,7 +118,9 @@ def test_varying_nonbatchstate_raises_instead_of_taking_device_0(leaks):
         config: ep.NonBatchState | None = None
 
         def init_state(self):
-            return M(ep.NonBatchState(jax.lax.axis_index("devices").astype(jnp.float32)))
+            return M(
+                ep.NonBatchState(jax.lax.axis_index("devices").astype(jnp.float32))
+            )
 
     with pytest.raises(ValueError, match=r"\.config"):
         ep.pmap2_new_states(M())
@@ -125,7 +138,9 @@ def test_pathcontains_matches(leaks):
         encoder: Block
         decoder: Block
 
-    out = ep.pmap2_new_states(Net(Block(), Block()), state_out_axes={None: PathContains("encoder")})
+    out = ep.pmap2_new_states(
+        Net(Block(), Block()), state_out_axes={None: PathContains("encoder")}
+    )
     assert out.encoder.h.value.shape == (4,)
     assert out.encoder.h.value.sharding.is_fully_replicated
     assert out.decoder.h.value.shape == (8, 4)
@@ -135,7 +150,9 @@ def test_ambiguous_filters_raise(leaks):
     # brainstate: the first matching filter silently wins.
     with pytest.raises(ValueError, match=r"\.weight"):
         ep.pmap2_new_states(
-            ParallelModel(), {"layer_size": 4}, state_out_axes={0: ep.ParamState, 1: PathContains("weight")}
+            ParallelModel(),
+            {"layer_size": 4},
+            state_out_axes={0: ep.ParamState, 1: PathContains("weight")},
         )
 
 
@@ -166,7 +183,9 @@ def test_axis_index_works_inside_the_init_no_eager_pass(leaks):
 def test_negative_axis_gives_the_right_shape(leaks):
     # brainstate inherits jax.pmap's wrong shape for out_axes=-1.
     out = ep.pmap2_new_states(
-        ParallelModel(), {"layer_size": 5}, state_out_axes={-1: PathContains("bias"), 0: PathContains("weight")}
+        ParallelModel(),
+        {"layer_size": 5},
+        state_out_axes={-1: PathContains("bias"), 0: PathContains("weight")},
     )
     assert out.bias.value.shape == (5, 8)
     assert out.weight.value.shape == (8, 5)

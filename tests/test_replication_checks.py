@@ -39,7 +39,9 @@ def test_checksum_sees_differences_that_cancel_in_a_weighted_sum():
     b = jnp.array([3, 2**32 - 1], dtype=jnp.uint32)  # +3 in word 0, -1 in word 1
     assert not np.array_equal(checksum(a), checksum(b))
     # Swapped words differ too, and NaNs of the same bits agree.
-    assert not np.array_equal(checksum(jnp.array([1.0, 2.0])), checksum(jnp.array([2.0, 1.0])))
+    assert not np.array_equal(
+        checksum(jnp.array([1.0, 2.0])), checksum(jnp.array([2.0, 1.0]))
+    )
     nan = jnp.array([jnp.nan, 1.0])
     np.testing.assert_array_equal(checksum(nan), checksum(nan + 0))
 
@@ -49,7 +51,14 @@ def test_checksums_of_small_and_large_arrays_together():
     from eqx_pmapstate._engine import checksums
 
     big = jnp.arange(_engine._SMALL + 5, dtype=jnp.float32)
-    xs = [jnp.arange(5.0), big, jnp.ones((2, 3), jnp.int32), jnp.zeros((0,)), jnp.array(True), jax.random.key(0)]
+    xs = [
+        jnp.arange(5.0),
+        big,
+        jnp.ones((2, 3), jnp.int32),
+        jnp.zeros((0,)),
+        jnp.array(True),
+        jax.random.key(0),
+    ]
     together = np.asarray(checksums(xs))
     assert together.shape == (len(xs), 2)
     # Each row depends only on its own array, wherever it stands and whatever is beside it.
@@ -58,6 +67,10 @@ def test_checksums_of_small_and_large_arrays_together():
     alone = np.asarray(checksums(xs[::-1]))[::-1]
     np.testing.assert_array_equal(together, alone)
     # One changed word in the large array or in a small one changes its row only.
-    changed = np.asarray(checksums([xs[0].at[4].set(7.0), big.at[_engine._SMALL + 2].set(-1.0)] + xs[2:]))
-    assert not np.array_equal(changed[0], together[0]) and not np.array_equal(changed[1], together[1])
+    changed = np.asarray(
+        checksums([xs[0].at[4].set(7.0), big.at[_engine._SMALL + 2].set(-1.0)] + xs[2:])
+    )
+    assert not np.array_equal(changed[0], together[0]) and not np.array_equal(
+        changed[1], together[1]
+    )
     np.testing.assert_array_equal(changed[2:], together[2:])

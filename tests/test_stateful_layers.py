@@ -7,19 +7,16 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from helpers import _spec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
-from helpers import _spec
 from eqx_pmapstate.filters import OfType
 
 
 N = 8
 B = 5  # samples per device
 MOMENTUM = 0.9
-
-
 
 
 def _arrays(tree):
@@ -32,7 +29,9 @@ class Net(eqx.Module):
 
     def __init__(self, key):
         self.linear = eqx.nn.Linear(3, 4, key=key)
-        self.bn = eqx.nn.BatchNorm(4, axis_name=("batch", "devices"), mode="batch", momentum=MOMENTUM)
+        self.bn = eqx.nn.BatchNorm(
+            4, axis_name=("batch", "devices"), mode="batch", momentum=MOMENTUM
+        )
 
     def __call__(self, x, state):
         return self.bn(self.linear(x), state)
@@ -42,7 +41,9 @@ _AXES = {0: OfType(eqx.nn.State), None: ...}
 
 
 def _make(key):
-    return ep.pmap2_new_states(eqx.nn.make_with_state(Net), {"key": key}, state_out_axes=_AXES)
+    return ep.pmap2_new_states(
+        eqx.nn.make_with_state(Net), {"key": key}, state_out_axes=_AXES
+    )
 
 
 def test_make_with_state_model_replicated_state_per_device(leaks):
@@ -56,7 +57,9 @@ def test_make_with_state_model_replicated_state_per_device(leaks):
     assert len(leaves) == len(ref_leaves) > 0
     for x, r in zip(leaves, ref_leaves):
         assert x.shape == r.shape
-        assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh.axis_names == ("devices",)
+        assert isinstance(x.sharding, NamedSharding) and x.sharding.mesh.axis_names == (
+            "devices",
+        )
         assert _spec(x) == () and x.sharding.is_fully_replicated
         np.testing.assert_allclose(np.asarray(x), np.asarray(r), rtol=1e-6)
 
@@ -75,7 +78,9 @@ def test_make_with_state_model_replicated_state_per_device(leaks):
 
 @ep.pmap2
 def _bn_step(model, state, x):
-    out, state = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    out, state = jax.vmap(
+        model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(x, state)
     return out, state
 
 
@@ -93,7 +98,10 @@ def test_batch_norm_statistics_over_all_devices(leaks):
     key = jax.random.key(1)
     model, state = _make(key)
     before = [(x.shape, x.sharding) for x in _arrays(state)]
-    x = np.asarray(jax.random.normal(jax.random.key(2), (N, B, 3))) * np.arange(1, N + 1, dtype=np.float32)[:, None, None]
+    x = (
+        np.asarray(jax.random.normal(jax.random.key(2), (N, B, 3)))
+        * np.arange(1, N + 1, dtype=np.float32)[:, None, None]
+    )
 
     out, new_state = _bn_step(model, state, x)
 
@@ -107,14 +115,28 @@ def test_batch_norm_statistics_over_all_devices(leaks):
     # hidden * momentum + batch_stat * (1 - momentum), the same on every device
     expected_mean = 0.0 * MOMENTUM + mean * (1 - MOMENTUM)
     expected_var = 1.0 * MOMENTUM + var * (1 - MOMENTUM)
-    np.testing.assert_allclose(np.asarray(hidden_mean), np.broadcast_to(expected_mean, (N, 4)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(hidden_var), np.broadcast_to(expected_var, (N, 4)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(new_state.get(model.bn.batch_counter)), np.ones(N))
+    np.testing.assert_allclose(
+        np.asarray(hidden_mean),
+        np.broadcast_to(expected_mean, (N, 4)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(hidden_var),
+        np.broadcast_to(expected_var, (N, 4)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(new_state.get(model.bn.batch_counter)), np.ones(N)
+    )
 
     # the outputs are normalised with the global statistics
     assert out.shape == (N, B, 4)
     expected_out = (h - mean) / np.sqrt(var + model.bn.eps)
-    np.testing.assert_allclose(np.asarray(out).reshape(-1, 4), expected_out, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out).reshape(-1, 4), expected_out, rtol=1e-4, atol=1e-5
+    )
 
     # a second step, from the returned state
     out2, state2 = _bn_step(model, new_state, x)
@@ -125,7 +147,9 @@ def test_batch_norm_statistics_over_all_devices(leaks):
         rtol=1e-5,
         atol=1e-6,
     )
-    np.testing.assert_array_equal(np.asarray(state2.get(model.bn.batch_counter)), np.full(N, 2))
+    np.testing.assert_array_equal(
+        np.asarray(state2.get(model.bn.batch_counter)), np.full(N, 2)
+    )
     assert [(a.shape, a.sharding) for a in _arrays(state2)] == before
 
 
@@ -156,7 +180,9 @@ def test_per_device_dropout_keys(leaks):
     masks = np.asarray(out) != 0
     assert len({m.tobytes() for m in masks}) == N  # a different mask on each device
     for i in range(N):  # each the mask of its own key
-        np.testing.assert_array_equal(np.asarray(out)[i], np.asarray(model(jnp.ones(64), keys[i])))
+        np.testing.assert_array_equal(
+            np.asarray(out)[i], np.asarray(model(jnp.ones(64), keys[i]))
+        )
     assert 0 < masks.mean() < 1
 
 
@@ -169,7 +195,11 @@ def test_replicated_dropout_key(how, leaks):
         fn = ep.pmap2(lambda model, x, key: model(x, key), in_axes=(None, 0, None))
         out = fn(model, x, key)
     else:
-        mesh = Mesh(np.array(jax.devices()), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+        mesh = Mesh(
+            np.array(jax.devices()),
+            ("devices",),
+            axis_types=(jax.sharding.AxisType.Auto,),
+        )
         # (returned in a dict: a bare array output would take the layout of the bare
         # laid-out key argument by rule 1)
         out = ep.pmap2(lambda model, x, key: {"y": model(x, key)})(

@@ -12,6 +12,7 @@ import pytest
 
 import eqx_pmapstate as ep
 
+
 _path = pathlib.Path(__file__).parents[1] / "examples" / "train_data_parallel.py"
 _spec = importlib.util.spec_from_file_location("train_data_parallel", _path)
 example = importlib.util.module_from_spec(_spec)
@@ -64,14 +65,18 @@ def test_data_parallel_training_matches_one_device():
     assert losses[-1] < losses[0]
     # The per-device state was kept per device across the steps.
     assert model.seen.value.shape == (8,)
-    np.testing.assert_array_equal(np.asarray(model.seen.value), np.full(8, STEPS * BATCH // 8))
+    np.testing.assert_array_equal(
+        np.asarray(model.seen.value), np.full(8, STEPS * BATCH // 8)
+    )
     # The optimizer state kept its replicated layout too.
     for leaf in jax.tree.leaves(opt_state):
         assert leaf.sharding.spec == jax.sharding.PartitionSpec()
 
 
 def test_forgetting_the_pmean_raises_naming_a_parameter():
-    with pytest.raises(jax.errors.JaxRuntimeError, match=r"mlp\.layers\[\d\]\.(weight|bias)"):
+    with pytest.raises(
+        jax.errors.JaxRuntimeError, match=r"mlp\.layers\[\d\]\.(weight|bias)"
+    ):
         model, _, losses = example.train(steps=2, average_gradients=False)
         jax.block_until_ready(model)
 
