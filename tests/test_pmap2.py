@@ -724,7 +724,8 @@ def test_the_run_time_check_does_not_flag_a_correct_update_with_a_device_axis_ou
 def test_donate_all(leaks):
     state = ep.pmap2_new_states(lambda: ep.ShortTermState(jnp.zeros(3) + _idx()))
     old = state.value
-    expected = np.asarray(old) + 1
+    # On jaxlib 0.11.2 (CPU) an array once read to the host is silently not donated.
+    expected = old + 1
 
     @ep.pmap2(donate="all")
     def step(state):
@@ -732,11 +733,11 @@ def test_donate_all(leaks):
 
     out = step(state)
     assert old.is_deleted()
-    np.testing.assert_array_equal(np.asarray(out.value), expected)
     assert out.value.sharding == old.sharding
+    assert bool(jnp.array_equal(out.value, expected))  # compared on device
     out2 = step(out)
     assert out.value.is_deleted()
-    np.testing.assert_array_equal(np.asarray(out2.value), expected + 1)
+    np.testing.assert_array_equal(np.asarray(out2.value), np.asarray(expected) + 1)
 
 
 def test_donate_none_keeps_the_inputs(leaks):
@@ -761,7 +762,8 @@ def test_donate_none_keeps_the_inputs(leaks):
 def test_donate_all_except_first(leaks):
     a = ep.pmap2_new_states(lambda: ep.State(jnp.zeros(3) + _idx()))
     b = ep.pmap2_new_states(lambda: ep.State(jnp.ones(3) + _idx()))
-    expected = np.asarray(a.value) + np.asarray(b.value)
+    # On jaxlib 0.11.2 (CPU) an array once read to the host is silently not donated.
+    expected = a.value + b.value
 
     @ep.pmap2(donate="all-except-first")
     def step(a, b):
@@ -770,7 +772,7 @@ def test_donate_all_except_first(leaks):
     out = step(a, b)
     assert not a.value.is_deleted()
     assert b.value.is_deleted()
-    np.testing.assert_array_equal(np.asarray(out.value), expected)
+    np.testing.assert_array_equal(np.asarray(out.value), np.asarray(expected))
 
 
 # --------------------------------------------------------------------------- compile caching
