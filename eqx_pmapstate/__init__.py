@@ -18,4 +18,10 @@ from ._state import (
 )
 
 
-__version__ = "0.1.0"
+# The version lives in pyproject.toml only: read it from the installed package's metadata.
+try:
+    import importlib.metadata as _metadata
+
+    __version__ = _metadata.version("eqx_pmapstate")
+except ImportError:  # PackageNotFoundError: imported from a source tree, not installed
+    __version__ = "0+unknown"
