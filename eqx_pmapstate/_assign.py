@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from ._filters import Everything, Filter, to_predicate
@@ -32,27 +34,46 @@ def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
     return tuple(out)
 
 
-def assign_axis(spec, path, state, ancestors) -> int | None:
-    """The axis (as written by the user, maybe negative) of one state."""
-    if isinstance(state, NonBatchState):
+def assign_axis(spec, ref, matched: list | None = None) -> int | None:
+    """The axis (as written by the user, maybe negative) of one state (a
+    `_tree.StateRef`). `matched`, if given, has one flag per filter of `spec`, set for
+    each filter that matches this state."""
+    hits, catch_all = [], []
+    for i, (axis, f) in enumerate(spec):
+        if not f(ref.path, ref.state, ref.ancestors):
+            continue
+        if matched is not None:
+            matched[i] = True
+        (catch_all if isinstance(f, Everything) else hits).append(axis)
+    if isinstance(ref.state, NonBatchState):
         return None
-    hits = [
-        axis
-        for axis, f in spec
-        if not isinstance(f, Everything) and f(path, state, ancestors)
-    ]
-    if not hits:
-        hits = [axis for axis, f in spec if isinstance(f, Everything)]
-    axes = list(dict.fromkeys(hits))
+    axes = list(dict.fromkeys(hits or catch_all))
     if len(axes) > 1:
         shown = ", ".join("None" if a is None else str(a) for a in axes)
         raise ValueError(
-            f"The state at {keystr(path)} ({type(state).__name__}) is matched by the filters of "
-            f"several axes in `state_out_axes`: {shown}. Each state must go to one axis; make "
-            "the filters exclusive (for example with `filters.Not`), or use `...` for a "
-            "catch-all, which only counts for states no other filter matched."
+            f"The state at {keystr(ref.path)} ({type(ref.state).__name__}) is matched by "
+            f"the filters of several axes in `state_out_axes`: {shown}. Each state must "
+            "go to one axis; make the filters exclusive (for example with `filters.Not`), "
+            "or use `...` for a catch-all, which only counts for states no other filter "
+            "matched."
         )
     return axes[0] if axes else 0
+
+
+def warn_unmatched(spec, matched: list, where: str = "state_out_axes") -> None:
+    """A `UserWarning` for each filter of `spec` (other than a catch-all) that matched no
+    state: almost always a typo in a tag, or a marker type the model does not use."""
+    for (axis, f), hit in zip(spec, matched):
+        if hit or isinstance(f, Everything):
+            continue
+        warnings.warn(
+            f"The filter {f!r} for axis {axis} in `{where}` matched no state of the tree, "
+            "so it had no effect (the states it was meant for went to axis 0, or to the "
+            "catch-all). Check the type or tag it names against the model's markers, "
+            "for example with `eqx_pmapstate.describe`.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def normalize_axis(axis: int | None, ndim: int, path) -> int | None:

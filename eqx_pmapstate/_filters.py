@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from ._keys import fn_key
+from ._keys import KeyedWalk
 from ._state import State
 
 
@@ -178,15 +178,20 @@ class Nothing(Filter):
 
 
 class _FunctionFilter(Filter):
-    # Compares by the function's code and closure, so that a lambda written inline in a
-    # function called again is the same filter, and compilation caches keep hitting.
+    # Compares by what the function computes from: its code, closure, defaults and the
+    # globals it names (see `_keys`), so that a lambda written inline in a function
+    # called again is the same filter and compilation caches keep hitting, while a
+    # filter reading a global that was rebound is a different one.
     fn: Callable = eqx.field(static=True)
 
+    def _key(self):
+        return KeyedWalk().value(self.fn)
+
     def __eq__(self, other):
-        return type(other) is type(self) and fn_key(other.fn) == fn_key(self.fn)
+        return type(other) is type(self) and other._key() == self._key()
 
     def __hash__(self):
-        return hash((type(self), fn_key(self.fn)))
+        return hash((type(self), self._key()))
 
 
 class _LeafPredicate(_FunctionFilter):

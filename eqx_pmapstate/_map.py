@@ -19,7 +19,7 @@ def _apply(module, *args, **kwargs):
     return module(*args, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)
 def _mapped_apply(axis_name: str, in_axes, out_axes, n_args: int):
     def module_axis(x):
         axis = read_axis(x, axis_name)
@@ -28,9 +28,23 @@ def _mapped_apply(axis_name: str, in_axes, out_axes, n_args: int):
     return pmap2(
         _apply,
         axis_name=axis_name,
-        in_axes=(module_axis,) + (in_axes,) * n_args,
+        in_axes=(module_axis,) + _per_argument(in_axes, n_args),
         out_axes=out_axes,
     )
+
+
+def _per_argument(in_axes, n_args: int) -> tuple:
+    """`in_axes` of a `Map` call, one entry per positional argument: a tuple or list
+    gives one per argument; anything else applies to every argument."""
+    if isinstance(in_axes, (tuple, list)):
+        if len(in_axes) != n_args:
+            raise ValueError(
+                f"`in_axes` gives {len(in_axes)} axes, but the call has {n_args} "
+                "positional argument(s). Give one entry per argument, or a single axis "
+                "for all of them."
+            )
+        return tuple(in_axes)
+    return (in_axes,) * n_args
 
 
 @eqx.filter_jit

@@ -110,3 +110,15 @@ def read_axis(x, axis_name: str | None = None, mesh: Mesh | None = None):
         if axis_name in entries:
             return pos if entry == axis_name else _UNKNOWN
     return None
+
+
+def mesh_str(mesh: Mesh) -> str:
+    """A mesh for an error message, with what tells two meshes apart: the devices (by
+    id, in order), the axis names and sizes, and the axis types."""
+    axes = ", ".join(f"{n!r}: {s}" for n, s in mesh.shape.items())
+    ids = [d.id for d in mesh.devices.flat]
+    types = getattr(mesh, "axis_types", None)
+    kinds = (
+        f", axis types {tuple(getattr(t, 'name', t) for t in types)}" if types else ""
+    )
+    return f"a mesh of axes {{{axes}}}{kinds} over devices {ids}"

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
-import numpy as np
 from jax.sharding import Mesh
 
 from . import _engine
-from ._assign import assign_axis, mapped_axis, normalize_axis, normalize_out_axes
-from ._keys import fn_key, value_key
+from ._assign import assign_axis, mapped_axis, normalize_out_axes, warn_unmatched
+from ._cache import programs
+from ._dataflow import varying_outputs
+from ._describe import leaf_axis
+from ._keys import KeyedWalk
+from ._layout import new_states_layout, OutLeaf
 from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
 from ._state import State
+from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr, paths_str
 
 
 def _has_init_state(x) -> bool:
     return isinstance(x, eqx.Module) and callable(getattr(type(x), "init_state", None))
+
+
+def _is_bound_method(x) -> bool:
+    # `M().build` is a bound method: an `eqx.Module` in Equinox (`BoundMethod`), but a
+    # builder to call, not a module to initialise.
+    return callable(x) and hasattr(x, "__func__") and hasattr(x, "__self__")
 
 
 def _accepted_kwargs(method, kwargs: Mapping) -> dict:
@@ -35,9 +45,10 @@ def _accepted_kwargs(method, kwargs: Mapping) -> dict:
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def _init_all(module, kwargs: Mapping, used: set):
+def _init_all(module, kwargs: Mapping):
     """Calls `init_state` on every module of the tree that defines it, innermost first,
-    and returns the new tree."""
+    and returns the new tree. Raises if an argument of `kwargs` was taken by none."""
+    used: set = set()
 
     def visit(node):
         children, treedef = jtu.tree_flatten(node, is_leaf=lambda x: x is not node)
@@ -52,40 +63,20 @@ def _init_all(module, kwargs: Mapping, used: set):
                 raise TypeError(
                     f"`{type(node).__name__}.init_state` returned None. Equinox modules are "
                     "immutable, so `init_state` must return the new module, for example "
-                    "`return eqx.tree_at(lambda m: m.state, self, new_state, is_leaf=lambda x: x is None)`."
+                    "`return eqx.tree_at(lambda m: m.state, self, new_state, "
+                    "is_leaf=lambda x: x is None)`."
                 )
             node = new
         return node
 
-    return visit(module)
-
-
-def _broadcast_axes(name: str, prefix, value) -> list:
-    """`init_in_axes[name]`, a pytree prefix of `value`, as one axis per leaf of `value`."""
-    try:
-        return broadcast_prefix(prefix, value)
-    except ValueError as e:
-        raise ValueError(
-            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}"
-        ) from None
-
-
-def _check_in_axis(name, path, leaf, axis, n) -> int | None:
-    if axis is None:
-        return None
-    where = f"The argument {name!r}" + (f" at {keystr(path)}" if path else "")
-    if not is_arraylike(leaf):
-        raise ValueError(
-            f"`init_in_axes` maps {where[4:]} along axis {axis}, but it is {type(leaf).__name__}, "
-            "not an array. Only arrays can be mapped; give it axis None."
+    out = visit(module)
+    unused = sorted(set(kwargs) - used)
+    if unused:
+        raise TypeError(
+            f"No `init_state` method of the module accepts the argument(s) {unused} given "
+            "in `init_kwargs`. Check their names against the `init_state` signatures."
         )
-    return mapped_axis(
-        axis,
-        leaf,
-        n,
-        where,
-        f"Give it one entry per device (or ensemble member), for example `jax.random.split(key, {n})`.",
-    )
+    return out
 
 
 def _with_tag(marker: State, tag: str) -> State:
@@ -96,7 +87,7 @@ def _with_tag(marker: State, tag: str) -> State:
     return new
 
 
-def _tag_new_markers(out, held: set, tag: str):
+def _tag_new_markers(out, held: Mapping, tag: str):
     """Tags the markers that hold a new array: one not at a path the module already held
     (the same test that decides which arrays are laid out)."""
 
@@ -112,6 +103,264 @@ def _tag_new_markers(out, held: set, tag: str):
     return jtu.tree_map_with_path(retag, out, is_leaf=lambda x: isinstance(x, State))
 
 
+# --------------------------------------------------------------------------- arguments
+
+
+def _is_init_form(module, what: str) -> bool:
+    """Whether `module` is an `eqx.Module` to initialise (else a callable to call)."""
+    if _is_bound_method(module):
+        return False
+    if isinstance(module, eqx.Module):
+        if not any(
+            _has_init_state(x) for x in jtu.tree_leaves(module, is_leaf=_has_init_state)
+        ):
+            raise TypeError(
+                f"`{what}` got an instance of {type(module).__name__}, but no module in it "
+                "defines `init_state`. Give a module with `init_state` methods (each "
+                "returning the new module), or pass a callable that builds the whole tree, "
+                "such as the class itself or `eqx.nn.make_with_state(Model)`."
+            )
+        return True
+    if callable(module):
+        return False
+    raise TypeError(
+        f"`{what}` needs an `eqx.Module` instance with `init_state` methods, or a callable "
+        f"that builds the new tree, but got {module!r} of type {type(module).__name__}."
+    )
+
+
+def _checked_kwargs(init_kwargs, init_in_axes, state_tag) -> tuple[dict, dict]:
+    if init_kwargs is None:
+        init_kwargs = {}
+    if not isinstance(init_kwargs, Mapping) or not all(
+        isinstance(k, str) for k in init_kwargs
+    ):
+        raise TypeError("`init_kwargs` must be a dict from argument names to values.")
+    if init_in_axes is None:
+        init_in_axes = {}
+    if not isinstance(init_in_axes, Mapping):
+        raise TypeError(
+            "`init_in_axes` must be a dict from argument names to axes (or pytree "
+            "prefixes of axes)."
+        )
+    for name in init_in_axes:
+        if name not in init_kwargs:
+            raise ValueError(
+                f"`init_in_axes` names the argument {name!r}, which is not in `init_kwargs`."
+            )
+    if state_tag is not None and not isinstance(state_tag, str):
+        raise TypeError(f"`state_tag` must be a str or None, but got {state_tag!r}.")
+    return dict(init_kwargs), dict(init_in_axes)
+
+
+def _kwarg_axes(name: str, prefix, value, n: int) -> list:
+    """`init_in_axes[name]`, a pytree prefix of `value`, as one checked axis per leaf."""
+    try:
+        axes = broadcast_prefix(prefix, value)
+    except ValueError as e:
+        raise ValueError(
+            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}"
+        ) from None
+    flat = jtu.tree_flatten_with_path(value)[0]
+    return [
+        _check_in_axis(name, path, leaf, a, n) for (path, leaf), a in zip(flat, axes)
+    ]
+
+
+def _check_in_axis(name, path, leaf, axis, n) -> int | None:
+    if axis is None:
+        return None
+    where = f"The argument {name!r}" + (f" at {keystr(path)}" if path else "")
+    if not is_arraylike(leaf):
+        raise ValueError(
+            f"`init_in_axes` maps {where[4:]} along axis {axis}, but it is "
+            f"{type(leaf).__name__}, not an array. Only arrays can be mapped; give it axis None."
+        )
+    return mapped_axis(
+        axis,
+        leaf,
+        n,
+        where,
+        "Give it one entry per device (or ensemble member), for example "
+        f"`jax.random.split(key, {n})`.",
+    )
+
+
+class _Inputs(NamedTuple):
+    """The dynamic inputs of an initialisation and how to rebuild its arguments."""
+
+    dyn: list  # global arrays: the module's leaves, then the keyword arguments'
+    in_axes: list  # per input: its mapped axis, or None (broadcast)
+    held: dict  # the path of each array the module held -> its input number
+    rebuild: Callable  # per-device inputs -> (module or None, kwargs)
+    key: tuple  # the structure and the static values
+
+
+_SLOT = object()  # where an array goes in a template
+
+
+def _module_inputs(module, mesh, axis_name, walk: KeyedWalk):
+    """The arrays a module holds before its initialisation, and the module's template."""
+    flat, treedef = jtu.tree_flatten_with_path(module)
+    dyn, in_axes, held, template, statics = [], [], {}, [], []
+    for path, leaf in flat:
+        if not is_arraylike(leaf):
+            template.append(leaf)
+            statics.append(walk.value(leaf))
+            continue
+        if isinstance(leaf, jax.core.Tracer):
+            raise ValueError(
+                f"The module's leaf at {keystr(path)} is traced (the call is inside "
+                "`jax.jit`, `jax.grad` or `jax.vmap`), so its layout cannot be read. Call "
+                "`pmap2_new_states` outside the transformation."
+            )
+        axis = _held_axis(leaf, mesh, axis_name)
+        held[path] = len(dyn)
+        dyn.append(leaf)
+        in_axes.append(axis)
+        template.append(_SLOT)
+    # `init_state` methods are part of what the init computes: key them with the globals
+    # they read, like any builder.
+    methods = tuple(
+        walk.value(type(m).init_state)
+        for m in jtu.tree_leaves(module, is_leaf=_has_init_state)
+        if _has_init_state(m)
+    )
+    key = ("module", treedef, tuple(statics), methods)
+    return dyn, in_axes, held, (treedef, template), key
+
+
+def _held_axis(leaf, mesh, axis_name) -> int | None:
+    if mesh is None:
+        return None
+    axis = read_axis(leaf, axis_name, mesh)
+    if axis is _UNKNOWN or (axis is None and leaf_axis(leaf) not in (None, _UNKNOWN)):
+        known = leaf_axis(leaf)  # a zero-size array whose sharding JAX simplified
+        return None if known is _UNKNOWN else known
+    return axis
+
+
+def _collect_inputs(module, init_form, kwargs, in_axes_of, n, mesh, axis_name, walk):
+    if init_form:
+        dyn, in_axes, held, (mod_def, mod_template), mod_key = _module_inputs(
+            module, mesh, axis_name, walk
+        )
+    else:
+        dyn, in_axes, held, mod_def, mod_template = [], [], {}, None, None
+        mod_key = ("callable", walk.value(module))
+    names = sorted(kwargs)
+    kw_flat, kw_def = jtu.tree_flatten([kwargs[k] for k in names])
+    kw_axes = [
+        a for k in names for a in _kwarg_axes(k, in_axes_of.get(k), kwargs[k], n)
+    ]
+    kw_template, statics = [], []
+    for leaf, axis in zip(kw_flat, kw_axes):
+        if is_arraylike(leaf):
+            dyn.append(leaf)
+            in_axes.append(axis)
+            kw_template.append(_SLOT)
+        else:
+            kw_template.append(leaf)
+            statics.append(walk.value(leaf))
+
+    def rebuild(local):
+        it = iter(local)
+        mod = None
+        if mod_def is not None:
+            mod = mod_def.unflatten(
+                [next(it) if x is _SLOT else x for x in mod_template]
+            )
+        leaves = [next(it) if x is _SLOT else x for x in kw_template]
+        return mod, dict(zip(names, kw_def.unflatten(leaves)))
+
+    key = (
+        mod_key,
+        tuple(names),
+        kw_def,
+        tuple(statics),
+        tuple(x is _SLOT for x in kw_template),
+    )
+    return _Inputs(dyn, in_axes, held, rebuild, key)
+
+
+# --------------------------------------------------------------------------- the engine's parts
+
+
+def _per_device_fn(inputs: _Inputs, init_form: bool, module, state_tag):
+    build = None if init_form else module
+
+    def fn(local):
+        mod, kwargs = inputs.rebuild(local)
+        out = _init_all(mod, kwargs) if init_form else build(**kwargs)
+        if state_tag is not None:
+            out = _tag_new_markers(out, inputs.held, state_tag)
+        return out
+
+    return fn
+
+
+def _wanted_axes(spec, held: Mapping):
+    """The `want` callback of the trace: the axis its filters give each new array leaf
+    (as written), and which filters matched some state."""
+
+    def want(out, flat):
+        matched = [False] * len(spec)
+        by_path = {}
+        for ref in iter_states(out):
+            new = [p for p, _ in ref.leaves if p not in held]
+            if new:
+                axis = assign_axis(spec, ref, matched)
+                by_path.update((p, axis) for p in new)
+        wanted = [by_path.get(p, 0) for p, leaf in flat if is_output_array(leaf)]
+        return wanted, matched
+
+    return want
+
+
+def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
+    avals = per_device_avals(inputs.dyn, inputs.in_axes)
+    traced = trace(fn, avals, axis_name, n, _wanted_axes(spec, inputs.held))
+    wanted, matched = traced.wanted
+    mapped = [a is not None for a in inputs.in_axes]
+    varying = varying_outputs(traced.jaxpr, mapped, axis_name)
+    leaves = [
+        OutLeaf(traced.paths[i], aval.ndim, v, j)
+        for i, aval, v, j in zip(
+            traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
+        )
+    ]
+    layout = new_states_layout(leaves, wanted, inputs.held)
+    compiled, cacheable = _engine.build(
+        traced,
+        layout,
+        in_axes=inputs.in_axes,
+        mesh=mesh,
+        axis_name=axis_name,
+        axis_size=n,
+        user_arrays=user_arrays,
+    )
+    return (compiled, tuple(matched)), cacheable
+
+
+def _raise_if_differ(compiled, flags) -> None:
+    if isinstance(flags, jax.core.Tracer):
+        raise ValueError(
+            f"The state(s) at {paths_str(keystr(p) for p in compiled.checked_paths)} are to "
+            "be replicated (axis None), but this library cannot prove them the same on "
+            "every device, and inside `jax.jit` (or another transformation) it cannot "
+            "compare them either. Call `pmap2_new_states` outside the transformation, or "
+            "give these states a device axis in `state_out_axes`."
+        )
+    bad = compiled.mismatched(flags)
+    if bad:
+        raise ValueError(
+            f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "
+            "values differ between devices (or ensemble members). A replicated state must "
+            "be the same everywhere: create it from replicated inputs only, or give it a "
+            "device axis in `state_out_axes` (and do not mark it `NonBatchState`)."
+        )
+
+
 def _new_states(
     module,
     init_kwargs,
@@ -124,185 +373,55 @@ def _new_states(
     axis_name,
     what: str,
 ):
-    # --- the two forms of `module`
-    if isinstance(module, eqx.Module):
-        if not any(
-            _has_init_state(x) for x in jtu.tree_leaves(module, is_leaf=_has_init_state)
-        ):
-            raise TypeError(
-                f"`{what}` got an instance of {type(module).__name__}, but no module in it defines "
-                "`init_state`. Give a module with `init_state` methods (each returning the new "
-                "module), or pass a callable that builds the whole tree, such as the class itself "
-                "or `eqx.nn.make_with_state(Model)`."
-            )
-        init_form = True
-    elif callable(module):
-        init_form = False
-    else:
-        raise TypeError(
-            f"`{what}` needs an `eqx.Module` instance with `init_state` methods, or a callable "
-            f"that builds the new tree, but got {module!r} of type {type(module).__name__}."
+    if active_axis() is not None:
+        raise ValueError(
+            f"`{what}` was called inside a function that `eqx_pmapstate` is mapping (a "
+            "`pmap2` step, a `Map` call or another initialisation). Create states outside "
+            "it, and pass them in."
         )
-    if init_kwargs is None:
-        init_kwargs = {}
-    if not isinstance(init_kwargs, Mapping) or not all(
-        isinstance(k, str) for k in init_kwargs
-    ):
-        raise TypeError("`init_kwargs` must be a dict from argument names to values.")
-    init_kwargs = dict(init_kwargs)
-    if init_in_axes is None:
-        init_in_axes = {}
-    if not isinstance(init_in_axes, Mapping):
-        raise TypeError(
-            "`init_in_axes` must be a dict from argument names to axes (or pytree prefixes of axes)."
-        )
-    for name in init_in_axes:
-        if name not in init_kwargs:
-            raise ValueError(
-                f"`init_in_axes` names the argument {name!r}, which is not in `init_kwargs`."
-            )
-    if state_tag is not None and not isinstance(state_tag, str):
-        raise TypeError(f"`state_tag` must be a str or None, but got {state_tag!r}.")
+    init_form = _is_init_form(module, what)
+    kwargs, in_axes_of = _checked_kwargs(init_kwargs, init_in_axes, state_tag)
     spec = normalize_out_axes(state_out_axes)
-
-    # --- inputs: the module's leaves (init form), then the keyword arguments
-    dyn, in_axes, statics = [], [], []
-    module_paths = []
-    if init_form:
-        mod_flat, mod_def = jtu.tree_flatten_with_path(module)
-        for path, leaf in mod_flat:
-            if is_arraylike(leaf):
-                axis = (
-                    read_axis(leaf, axis_name, mesh) if mesh is not None else _UNKNOWN
-                )
-                module_paths.append((path, len(dyn)))
-                dyn.append(leaf)
-                in_axes.append(None if axis is _UNKNOWN else axis)
-            else:
-                statics.append(value_key(leaf))
-        module_key = (mod_def, tuple(is_arraylike(x) for _, x in mod_flat))
-    else:
-        mod_flat, mod_def = [], None
-        module_key = fn_key(module)
-    held_paths = {path for path, _ in module_paths}
-    kw_names = sorted(init_kwargs)
-    kw_flat, kw_def = jtu.tree_flatten_with_path([init_kwargs[k] for k in kw_names])
-    kw_axes = []
-    for name in kw_names:
-        value = init_kwargs[name]
-        axes = _broadcast_axes(name, init_in_axes.get(name), value)
-        for (path, leaf), axis in zip(jtu.tree_flatten_with_path(value)[0], axes):
-            kw_axes.append(_check_in_axis(name, path, leaf, axis, n))
-    for (_, leaf), axis in zip(kw_flat, kw_axes):
-        if is_arraylike(leaf):
-            dyn.append(leaf)
-            in_axes.append(axis)
-        else:
-            statics.append(value_key(leaf))
-    kw_is_array = tuple(is_arraylike(x) for _, x in kw_flat)
+    walk = KeyedWalk()
+    inputs = _collect_inputs(
+        module, init_form, kwargs, in_axes_of, n, mesh, axis_name, walk
+    )
+    signature = tuple(
+        (
+            jax.numpy.shape(x),
+            jax.numpy.result_type(x),
+            bool(getattr(x, "weak_type", False)),
+        )
+        for x in inputs.dyn
+    )
     key = (
         what,
         init_form,
-        module_key,
-        kw_def,
-        kw_is_array,
-        tuple(statics),
+        inputs.key,
         spec,
         state_tag,
+        mesh,
+        axis_name,
+        n,
+        tuple(inputs.in_axes),
+        signature,
     )
-
-    # --- the per-device function. It keeps no array of this call (the compiled program
-    # outlives it in the cache): arrays are slots, filled from the per-device inputs.
-    _SLOT = object()
-    mod_template = [_SLOT if is_arraylike(x) else x for _, x in mod_flat]
-    kw_template = [_SLOT if is_arraylike(x) else x for _, x in kw_flat]
-    del mod_flat, kw_flat
-    build = None if init_form else module  # an init-form module's arrays are not kept
-
-    def rebuild(local):
-        it = iter(local)
-        mod = None
-        if init_form:
-            mod = mod_def.unflatten(
-                [next(it) if x is _SLOT else x for x in mod_template]
-            )
-        kw_leaves = [next(it) if x is _SLOT else x for x in kw_template]
-        kwargs = dict(zip(kw_names, kw_def.unflatten(kw_leaves)))
-        return mod, kwargs
-
-    def fn(local):
-        mod, kwargs = rebuild(local)
-        if init_form:
-            used: set = set()
-            out = _init_all(mod, kwargs, used)
-            unused = sorted(set(kwargs) - used)
-            if unused:
-                raise TypeError(
-                    f"No `init_state` method of the module accepts the argument(s) {unused} given "
-                    "in `init_kwargs`. Check their names against the `init_state` signatures."
-                )
-        else:
-            out = build(**kwargs)
-        if state_tag is not None:
-            out = _tag_new_markers(out, held_paths, state_tag)
-        return out
-
-    def decide(out, infos: list[_engine.LeafInfo]) -> _engine.Decided:
-        index_of = {info.path: i for i, info in enumerate(infos)}
-        decisions: list = [None] * len(infos)
-        for path, j in module_paths:
-            i = index_of.get(path)
-            if i is None or infos[i].input_index != j:
-                raise ValueError(
-                    f"`init_state` changed the leaf at {keystr(path)}, which the module already "
-                    "held. Leaves that exist before initialisation come back unchanged; create "
-                    "new states in `init_state`, or build the whole tree with a callable instead."
-                )
-            decisions[i] = _engine.Pass(j)
-        check = set()
-        for ref in iter_states(out):
-            sub = (
-                jtu.tree_flatten_with_path(ref.state)[0]
-                if isinstance(ref.state, State)
-                else [((), ref.state)]
-            )
-            idx = [
-                index_of[ref.path + tuple(p)] for p, leaf in sub if is_arraylike(leaf)
-            ]
-            new = [i for i in idx if not isinstance(decisions[i], _engine.Pass)]
-            if not new:
-                continue
-            axis = assign_axis(spec, ref.path, ref.state, ref.ancestors)
-            for i in new:
-                decisions[i] = normalize_axis(
-                    axis, np.ndim(infos[i].leaf), infos[i].path
-                )
-                if decisions[i] is None and infos[i].varying:
-                    check.add(i)
-        return _engine.Decided(decisions, frozenset(check))
-
-    compiled = _engine.compiled(
+    user = {id(w.get()) for w in walk.weak if w.alive}
+    fn = _per_device_fn(inputs, init_form, module, state_tag)
+    compiled, matched = _engine.cached(
+        programs,
         key,
-        fn,
-        dyn,
-        in_axes,
-        decide,
-        mesh=mesh,
-        axis_name=axis_name,
-        axis_size=None if mesh else n,
+        walk.weak,
+        lambda: _compile(
+            fn, inputs, spec, n=n, mesh=mesh, axis_name=axis_name, user_arrays=user
+        ),
     )
-    out, flags = compiled(dyn)
+    warn_unmatched(spec, list(matched))
+    out, flags = compiled(inputs.dyn)
     if flags is not None:
-        bad = compiled.mismatched(flags)
-        if bad:
-            raise ValueError(
-                f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "
-                "values differ between devices (or ensemble members). A replicated state must be the same "
-                "everywhere: "
-                "create it from replicated inputs only, or give it a device axis in "
-                "`state_out_axes` (and do not mark it `NonBatchState`)."
-            )
-    register(compiled, out, axis_name)
+        _raise_if_differ(compiled, flags)
+    if mesh is None:
+        register(compiled, out, axis_name)
     return out
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from . import _engine
-from ._assign import assign_axis, mapped_axis, normalize_axis, normalize_out_axes
+from ._assign import assign_axis, mapped_axis, normalize_out_axes
+from ._cache import programs
+from ._dataflow import varying_outputs
 from ._engine import replication_message, ReplicationError
-from ._keys import value_key
-from ._mesh import _UNKNOWN, axis_spec, read_axis, resolve_mesh
-from ._state import State
-from ._tree import broadcast_prefix, is_arraylike, iter_states, paths_str
+from ._keys import Guard, KeyedWalk
+from ._layout import DEFAULT, OutLeaf, step_layout
+from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
+from ._trace import active_axis, is_output_array, per_device_avals, trace
+from ._tree import broadcast_prefix, is_arraylike, iter_states
 
 
 class StateAxes:
@@ -47,28 +51,13 @@ class StateAxes:
     def __repr__(self):
         return f"StateAxes({dict(self.spec)!r})"
 
-    def axes_of(self, tree, root: tuple = ()) -> dict:
+    def axes_of(self, tree) -> dict:
         """A dict from the path of each array leaf of `tree` to its axis, as written."""
         out = {}
         for ref in iter_states(tree):
-            axis = assign_axis(self.spec, root + ref.path, ref.state, ref.ancestors)
-            sub = (
-                jtu.tree_flatten_with_path(ref.state)[0]
-                if isinstance(ref.state, State)
-                else [((), ref.state)]
-            )
-            for p, leaf in sub:
-                if is_arraylike(leaf):
-                    out[ref.path + tuple(p)] = axis
+            axis = assign_axis(self.spec, ref)
+            out.update((p, axis) for p, _ in ref.leaves)
         return out
-
-
-class _Default:
-    def __repr__(self):
-        return "<default>"
-
-
-_DEFAULT = _Default()  # "not given": the layout rules of the docstring apply
 
 
 def _where(path) -> str:
@@ -80,48 +69,376 @@ def _where(path) -> str:
     return root + jtu.keystr(rest)
 
 
-def _out_where(path) -> str:
-    return "output" + (jtu.keystr(path) if path else "")
-
-
 def _signature(leaves) -> tuple:
-    """What a call's compiled program depends on, leaf by leaf: shape, dtype and layout of
-    the arrays, and the values of everything else (weak types are left to `jax.jit`)."""
+    """What a call's compiled program depends on, leaf by leaf: the abstract value
+    (shape, dtype, weak type) and layout of the arrays, and the values of the rest."""
     try:  # the common case, every leaf a concrete jax.Array: one quick pass
-        return tuple([(x.shape, x.dtype, x.sharding) for x in leaves])
+        return tuple([(x.aval, x.sharding) for x in leaves])
     except AttributeError:
         return tuple(map(_leaf_sig, leaves))
 
 
 def _leaf_sig(x):
+    if isinstance(x, jax.core.Tracer):  # `pmap2` called inside another transformation
+        return jax.typeof(x)
     if isinstance(x, jax.Array):
-        try:
-            sharding = x.sharding
-        except AttributeError:  # a tracer: `pmap2` called inside another transformation
-            return jax.typeof(x)
-        return (x.shape, x.dtype, sharding)
+        return (x.aval, x.sharding)
     if isinstance(x, (np.ndarray, np.generic)):
         return (np.shape(x), x.dtype, None)
-    return value_key(x)
+    return KeyedWalk().value(x)
 
 
-def _prefix_axes(prefix, tree) -> list:
-    """A pytree prefix of axes (ints, None, or callables of a leaf) as one entry per leaf."""
+# --------------------------------------------------------------------------- axes specs
+
+
+def _check_axes_spec(spec, what: str) -> None:
+    """`in_axes`/`out_axes` as given: `DEFAULT`, a `StateAxes`, or a pytree prefix whose
+    leaves are ints, None or callables."""
+    if spec is DEFAULT or isinstance(spec, StateAxes):
+        return
+    for leaf in jtu.tree_leaves(spec, is_leaf=lambda x: x is None):
+        ok = leaf is None or callable(leaf)
+        ok = ok or (isinstance(leaf, (int, np.integer)) and not isinstance(leaf, bool))
+        if not ok:
+            raise TypeError(
+                f"`{what}` must be a pytree prefix of the arguments whose leaves are ints "
+                "(an axis), None (replicated) or callables of a leaf, or a "
+                f"`eqx_pmapstate.StateAxes`, but it holds {leaf!r} of type "
+                f"{type(leaf).__name__}."
+            )
+
+
+def _prefix_axes(prefix, tree, what: str) -> list:
     try:
         return broadcast_prefix(prefix, tree)
     except ValueError as e:
         raise ValueError(
-            f"The axes given are not a pytree prefix of the tree they apply to: {e}"
+            f"`{what}` is not a pytree prefix of the tree it applies to: {e}"
         ) from None
 
 
-class _Entry:
-    __slots__ = ("compiled", "dyn_index", "put")
+def _given_axes(in_axes, args, kwargs, flat) -> list:
+    """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`."""
+    if in_axes is DEFAULT:
+        return [DEFAULT] * len(flat)
+    if isinstance(in_axes, StateAxes):
+        by_path = in_axes.axes_of((args, kwargs))
+        return [by_path.get(p, DEFAULT) for p, _ in flat]
+    given = _prefix_axes(in_axes, args, "in_axes")
+    return given + [DEFAULT] * (len(flat) - len(given))
 
-    def __init__(self, compiled, dyn_index, put):
-        self.compiled = compiled
-        self.dyn_index = dyn_index
-        self.put = put  # whether some input must be moved to its layout first
+
+# --------------------------------------------------------------------------- inputs
+
+
+class _Inputs(NamedTuple):
+    """How the arguments of one call signature enter the program."""
+
+    mesh: Mesh
+    dyn_index: tuple  # the flat indices of the array leaves
+    in_axes: tuple  # per array leaf: its mapped axis, or None
+    layout_of_leaf: tuple  # per flat leaf: its axis, or DEFAULT for a static leaf
+    donated: tuple  # indices into the array leaves
+    passable: frozenset  # array leaves an unchanged output may be handed back as
+
+
+def _on_mesh(x, axis_name) -> bool:
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    s = x.sharding
+    return isinstance(s, NamedSharding) and axis_name in s.mesh.axis_names
+
+
+def _find_mesh(leaves, axis_name, devices) -> Mesh:
+    found = None
+    for x in leaves:
+        if not _on_mesh(x, axis_name):
+            continue
+        mesh = x.sharding.mesh
+        if found is None:
+            found = mesh
+        elif mesh != found:
+            raise ValueError(
+                f"The inputs are laid out on two different meshes with an axis "
+                f"{axis_name!r}: {mesh_str(found)}, and {mesh_str(mesh)}. Put them on one "
+                "mesh (for example with `jax.device_put(x, NamedSharding(mesh, spec))`)."
+            )
+    if found is not None:
+        if isinstance(devices, Mesh) and devices != found:
+            raise ValueError(
+                f"The inputs are laid out on {mesh_str(found)}, not on the mesh given as "
+                f"`devices` ({mesh_str(devices)})."
+            )
+        return found
+    return resolve_mesh(None, devices, axis_name)[0]
+
+
+def _argument_of(path) -> tuple:
+    """The top-level argument a leaf belongs to: `(0, position)` or `(1, name)`."""
+    head, arg = path[0], path[1]
+    return (head.idx, getattr(arg, "idx", getattr(arg, "key", None)))
+
+
+def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
+    """An argument left to the default layout must be laid out on the mesh entirely or
+    not at all; an `eqx.Module` not on the mesh beside inputs that are is refused."""
+    on, off = {}, {}
+    for (path, x), g in zip(flat, given):
+        if g is not DEFAULT or not is_arraylike(x) or isinstance(x, jax.core.Tracer):
+            continue
+        (on if _on_mesh(x, axis_name) else off).setdefault(_argument_of(path), path)
+    for arg, path in off.items():
+        value = args[arg[1]] if arg[0] == 0 else kwargs[arg[1]]
+        name = _where(path[:2])
+        if arg in on:
+            raise ValueError(
+                f"The argument {name} is partly laid out on the mesh and partly not (for "
+                f"example {_where(on[arg])} is, {_where(path)} is not): its layout cannot "
+                "be read. Lay it all out with `eqx_pmapstate.relayout(tree, like)` or "
+                "`jax.device_put`, or give its axes with `in_axes`."
+            )
+        if isinstance(value, eqx.Module) and on:
+            raise ValueError(
+                f"The argument {name} is an `eqx.Module` none of whose arrays is laid out "
+                f"on the mesh (for example {_where(path)}), while other inputs are. A "
+                "restored or freshly built model would be split over the devices along "
+                "its first axis, which is almost never meant. Lay it out like the model "
+                "it replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map "
+                "it with `in_axes` (None for replicated)."
+            )
+
+
+def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
+    if callable(g) and g is not DEFAULT:
+        g = g(x)
+    if g is DEFAULT:
+        if isinstance(x, jax.core.Tracer):
+            raise ValueError(
+                f"The input {_where(path)} is traced (`pmap2` is called inside `jax.jit`, "
+                "`jax.grad`, `jax.vmap` or another transformation), so its layout cannot "
+                "be read. Give its axis with `in_axes`: None for a replicated input (a "
+                f"parameter), 0 for one split over the devices (as `jax.pmap` does)."
+            )
+        here = read_axis(x, axis_name, mesh) if isinstance(x, jax.Array) else _UNKNOWN
+        g = 0 if here is _UNKNOWN else here
+    if g is None:
+        return None
+    return mapped_axis(
+        g,
+        x,
+        n,
+        f"The input {_where(path)}",
+        f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, "
+        "...)), or mark it replicated with an `in_axes` of None.",
+    )
+
+
+def _donated(donate, args, dyn_index) -> tuple:
+    if donate == "none":
+        return ()
+    if donate == "all":
+        return tuple(range(len(dyn_index)))
+    first_end = len(jtu.tree_leaves(args[:1]))
+    return tuple(d for d, i in enumerate(dyn_index) if i >= first_end)
+
+
+def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
+    flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+    mesh = _find_mesh(leaves, self.axis_name, self.devices)
+    n = mesh.shape[self.axis_name]
+    given = _given_axes(self.in_axes, args, kwargs, flat)
+    _check_argument_layouts(args, kwargs, flat, given, self.axis_name)
+    dyn_index, in_axes, layout = [], [], []
+    for i, ((path, x), g) in enumerate(zip(flat, given)):
+        if not is_arraylike(x):
+            layout.append(DEFAULT)
+            continue
+        axis = _input_axis(path, x, g, mesh, n, self.axis_name)
+        layout.append(axis)
+        in_axes.append(axis)
+        dyn_index.append(i)
+    donated = _donated(self.donate, args, dyn_index)
+    target = [NamedSharding(mesh, axis_spec(self.axis_name, a)) for a in in_axes]
+    passable = frozenset(
+        j
+        for j, (i, s) in enumerate(zip(dyn_index, target))
+        if j not in donated and _engine._placed(leaves[i], s)
+    )
+    return _Inputs(
+        mesh, tuple(dyn_index), tuple(in_axes), tuple(layout), donated, passable
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _rule1_candidates(args, inputs: _Inputs, axis_name) -> list:
+    """The positional arguments whose layout an output of the same structure takes: all
+    but bare arrays not laid out on the mesh; a bare array only passes its layout to an
+    array of its per-device shape and dtype."""
+    starts = np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args]).tolist()
+    out = []
+    for a_idx, arg in enumerate(args):
+        bare = None
+        if is_arraylike(arg):
+            if not _on_mesh(arg, axis_name):
+                continue
+            local = list(np.shape(arg))
+            axis = inputs.layout_of_leaf[starts[a_idx]]
+            if axis is not None:
+                del local[axis]
+            bare = (tuple(local), jax.numpy.result_type(arg))
+        layouts = inputs.layout_of_leaf[starts[a_idx] : starts[a_idx + 1]]
+        out.append((jtu.tree_structure(arg), a_idx, bare, layouts))
+    return out
+
+
+def _inherited(candidates, sub, prefer=None) -> list | None:
+    # The argument at the same position is tried first, then the others in order, so
+    # that `return model, state` after `step(model, state, ...)` pairs them up even when
+    # the two have the same structure.
+    structure = jtu.tree_structure(sub)
+    for struct, a_idx, bare, layouts in sorted(
+        candidates, key=lambda c: c[1] != prefer
+    ):
+        if bare is not None and (
+            not is_arraylike(sub) or (np.shape(sub), jax.numpy.result_type(sub)) != bare
+        ):
+            continue
+        if struct == structure:
+            return list(layouts)
+    return None
+
+
+def _wanted_by_default(candidates, out) -> list:
+    wanted = _inherited(candidates, out)
+    if wanted is not None:
+        return wanted
+    if isinstance(out, tuple):
+        wanted = []
+        for position, element in enumerate(out):
+            got = _inherited(candidates, element, prefer=position)
+            wanted += (
+                got if got is not None else [DEFAULT] * len(jtu.tree_leaves(element))
+            )
+        return wanted
+    return [DEFAULT] * len(jtu.tree_leaves(out))
+
+
+def _want(out_axes, candidates):
+    """The `want` callback of the trace: per array output, the axis asked for."""
+
+    def want(out, flat):
+        if isinstance(out_axes, StateAxes):
+            by_path = out_axes.axes_of(out)
+            wanted = [by_path.get(p, DEFAULT) for p, _ in flat]
+        elif out_axes is not DEFAULT:
+            wanted = _prefix_axes(out_axes, out, "out_axes")
+        else:
+            wanted = _wanted_by_default(candidates, out)
+        result = []
+        for (_, leaf), w in zip(flat, wanted, strict=True):
+            if is_output_array(leaf):
+                result.append(w(leaf) if callable(w) and w is not DEFAULT else w)
+        return result
+
+    return want
+
+
+# --------------------------------------------------------------------------- one signature
+
+
+class _Entry(NamedTuple):
+    """Everything a call of one signature needs."""
+
+    compiled: _engine.Compiled
+    dyn_index: tuple
+    donated: tuple  # indices into the dynamic inputs
+    put: bool  # whether some input must be moved to its layout first
+
+
+class _Fast(NamedTuple):
+    """A `pmap2` function's own shortcut to an entry, valid while its guards hold."""
+
+    entry: _Entry
+    guards: tuple[Guard, ...]
+
+    def valid(self) -> bool:
+        for g in self.guards:
+            if not g.holds():
+                return False
+        return True
+
+
+def _check_donation(dyn, donated, flat_paths) -> None:
+    seen: dict = {}
+    for d in donated:
+        x = dyn[d]
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if x.is_deleted():
+                raise ValueError(
+                    f"The input {_where(flat_paths[d])} was donated by an earlier call and "
+                    "its buffer is gone. Pass the outputs of that call instead, or use "
+                    "`donate='none'`."
+                )
+        if id(x) in seen:
+            raise ValueError(
+                f"The same array is passed twice, at {_where(seen[id(x)])} and "
+                f"{_where(flat_paths[d])}, and would be donated twice (tied weights?). "
+                "Pass distinct arrays, or use `donate='none'`."
+            )
+        seen[id(x)] = flat_paths[d]
+
+
+class _Lowered:
+    """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
+
+    def __init__(self, lowered, entry: _Entry, treedef, signature, check):
+        self.lowered = lowered  # the `jax.stages.Lowered` of the program
+        self._entry, self._treedef, self._signature = entry, treedef, signature
+        self._check = check
+
+    def as_text(self, *args, **kwargs) -> str:
+        """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
+        return self.lowered.as_text(*args, **kwargs)
+
+    def compile(self) -> _CompiledCall:
+        """Compiles it: a callable taking the same arguments as the `pmap2` function."""
+        return _CompiledCall(self.lowered.compile(), self)
+
+
+class _CompiledCall:
+    def __init__(self, executable, lowered: _Lowered):
+        self.executable = executable  # the `jax.stages.Compiled`
+        self._lowered = lowered
+
+    def as_text(self) -> str:
+        return self.executable.as_text()
+
+    def __call__(self, *args, **kwargs):
+        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        low = self._lowered
+        if treedef != low._treedef or _signature(leaves) != low._signature:
+            raise TypeError(
+                "The arguments do not match those this program was lowered for (tree "
+                "structure, shapes, dtypes and layouts). Lower it again for them."
+            )
+        return _run(low._entry, leaves, self.executable, low._check)
+
+
+def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
+    compiled = entry.compiled
+    dyn = [leaves[i] for i in entry.dyn_index]
+    if entry.put:
+        dyn = compiled.place(dyn)
+    outs = run(*compiled.const_values(), *dyn)
+    if compiled.extra_out:
+        *outs, flags = outs
+        if check == "runtime":
+            bad = compiled.mismatched(flags)  # waits for this call
+            if bad:
+                raise ReplicationError(replication_message(bad, axis_name))
+    return compiled.assemble(dyn, outs)
 
 
 class Pmap2:
@@ -132,9 +449,10 @@ class Pmap2:
     ):
         if not callable(fun):
             raise TypeError(f"`pmap2` needs a callable, but got {fun!r}.")
-        if check_replicated not in (True, False, "sync"):
+        if check_replicated not in (True, False, "runtime"):
             raise ValueError(
-                f"`check_replicated` must be True, False or 'sync', but got {check_replicated!r}."
+                "`check_replicated` must be True, False or 'runtime', but got "
+                f"{check_replicated!r}."
             )
         if donate not in ("all", "all-except-first", "none"):
             raise ValueError(
@@ -144,6 +462,8 @@ class Pmap2:
             raise TypeError(
                 f"`axis_name` must be a non-empty str, but got {axis_name!r}."
             )
+        _check_axes_spec(in_axes, "in_axes")
+        _check_axes_spec(out_axes, "out_axes")
         functools.update_wrapper(self, fun)
         self.fun = fun
         self.axis_name = axis_name
@@ -152,7 +472,14 @@ class Pmap2:
         self.donate = donate
         self.check_replicated = check_replicated
         self.devices = devices
-        self._cache: dict = {}
+        self._check = {True: "trace", False: "off", "runtime": "runtime"}[
+            check_replicated
+        ]
+        self._fast: dict = {}
+        programs.listen(self)
+
+    def clear_fast_path(self) -> None:
+        self._fast.clear()
 
     def __get__(self, instance, owner=None):
         if instance is None:
@@ -161,198 +488,73 @@ class Pmap2:
 
     def __call__(self, *args, **kwargs):
         leaves, treedef = jtu.tree_flatten((args, kwargs))
-        key = (treedef, _signature(leaves))
-        entry = self._cache.get(key)
-        if entry is None:
-            entry = self._build(args, kwargs, leaves, treedef, key)
-            self._cache[key] = entry
+        sig = (treedef, _signature(leaves))
+        fast = self._fast.get(sig)
+        if fast is None or not fast.valid():
+            fast = self._entry(args, kwargs, leaves, sig)
+        entry = fast.entry
+        if entry.donated:
+            _check_donation(
+                [leaves[i] for i in entry.dyn_index],
+                entry.donated,
+                [p for p, _ in jtu.tree_flatten_with_path((args, kwargs))[0]],
+            )
+        return _run(entry, leaves, entry.compiled.run, self._check, self.axis_name)
+
+    def lower(self, *args, **kwargs) -> _Lowered:
+        """Lowers the program for these arguments, as `jax.jit(f).lower(...)` does.
+
+        **Returns:**
+
+        An object with `.as_text()` and `.compile()`; the compiled program is called with
+        the same arguments as this function.
+        """
+        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        sig = (treedef, _signature(leaves))
+        entry = self._entry(args, kwargs, leaves, sig).entry
         compiled = entry.compiled
-        dyn = [leaves[i] for i in entry.dyn_index]
-        if entry.put:
-            dyn = compiled.place(dyn)
-        outs = compiled.run(*dyn)
-        if compiled.extra_out:
-            *outs, extra = outs
-            if self.check_replicated == "sync":
-                bad = compiled.mismatched(extra)  # waits for this call
-                if bad:
-                    raise ReplicationError(replication_message(bad, self.axis_name))
-        return compiled.assemble(dyn, outs)
+        dyn = compiled.place([leaves[i] for i in entry.dyn_index])
+        lowered = compiled.run.lower(*compiled.const_values(), *dyn)
+        return _Lowered(lowered, entry, treedef, sig[1], self._check)
 
-    # -- building, once per signature
+    # -- once per signature
 
-    def _mesh(self, leaves) -> Mesh:
-        found = None
-        for x in leaves:
-            s = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-            if isinstance(s, NamedSharding) and self.axis_name in s.mesh.axis_names:
-                if found is None:
-                    found = s.mesh
-                elif s.mesh != found:
-                    raise ValueError(
-                        f"The inputs are laid out on two different meshes with an axis "
-                        f"{self.axis_name!r}: {found} and {s.mesh}. Put them on one mesh."
-                    )
-        if found is not None:
-            if isinstance(self.devices, Mesh) and self.devices != found:
-                raise ValueError(
-                    "The inputs are laid out on another mesh than the one given as `devices`."
-                )
-            return found
-        return resolve_mesh(None, self.devices, self.axis_name)[0]
-
-    def _build(self, args, kwargs, leaves, treedef, key) -> _Entry:
-        mesh = self._mesh(leaves)
-        n = mesh.shape[self.axis_name]
-        flat = jtu.tree_flatten_with_path((args, kwargs))[0]
-        n_args = len(jtu.tree_leaves(args))
-
-        # The axis of every input leaf: given, or read off its layout, or 0.
-        given: list = [_DEFAULT] * len(leaves)
-        if isinstance(self.in_axes, StateAxes):
-            by_path = self.in_axes.axes_of((args, kwargs))
-            given = [by_path.get(p, _DEFAULT) for p, _ in flat]
-        elif self.in_axes is not _DEFAULT:
-            given = _prefix_axes(self.in_axes, args) + [_DEFAULT] * (
-                len(leaves) - n_args
-            )
-        in_axes, dyn_index, layout_of_leaf = [], [], [None] * len(leaves)
-        for i, ((path, x), g) in enumerate(zip(flat, given)):
-            if not is_arraylike(x):
-                continue
-            if callable(g):
-                g = g(x)
-            here = (
-                read_axis(x, self.axis_name, mesh)
-                if isinstance(x, jax.Array)
-                else _UNKNOWN
-            )
-            if g is _DEFAULT:
-                g = 0 if here is _UNKNOWN else here
-            axis = (
-                None
-                if g is None
-                else mapped_axis(
-                    g,
-                    x,
-                    n,
-                    f"The input {_where(path)}",
-                    f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, ...)), "
-                    "or mark it replicated with an `in_axes` of None.",
-                )
-            )
-            layout_of_leaf[i] = axis
-            in_axes.append(axis)
-            dyn_index.append(i)
-
-        # Rule 1: the arguments whose layout an output of the same structure takes.
-        arg_start = (
-            list(np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args[:-1]]))
-            if args
-            else []
+    def _key(self, walk: KeyedWalk, sig) -> tuple:
+        settings = (
+            self.axis_name,
+            walk.spec(self.in_axes),
+            walk.spec(self.out_axes),
+            self.donate,
+            self._check,
+            walk.spec(self.devices),
         )
-        candidates = []
-        for a_idx, arg in enumerate(args):
-            on_mesh = (
-                isinstance(arg, jax.Array)
-                and read_axis(arg, self.axis_name, mesh) is not _UNKNOWN
+        return ("pmap2", walk.value(self.fun), settings, sig)
+
+    def _entry(self, args, kwargs, leaves, sig) -> _Fast:
+        if active_axis() is not None:
+            raise ValueError(
+                "A `pmap2` function was called inside a function that `eqx_pmapstate` is "
+                "mapping over devices (another `pmap2` step, a `Map` call or an "
+                "initialisation). Inside it you are already on one device: call the "
+                "function it wraps directly, and use collectives over the axis."
             )
-            if is_arraylike(arg) and not on_mesh:
-                continue
-            bare = None
-            if is_arraylike(arg):  # compared with the per-device view of the output
-                local = list(np.shape(arg))
-                if layout_of_leaf[arg_start[a_idx]] is not None:
-                    del local[layout_of_leaf[arg_start[a_idx]]]
-                bare = (tuple(local), jax.numpy.result_type(arg))
-            candidates.append((jtu.tree_structure(arg), a_idx, bare))
-        dyn_pos = {leaf_i: d for d, leaf_i in enumerate(dyn_index)}
-        donated = set(self._donated(args, dyn_index, arg_start))
+        walk = KeyedWalk()
+        key = self._key(walk, sig)
+        entry = _engine.cached(
+            programs, key, walk.weak, lambda: self._compile(args, kwargs, leaves, walk)
+        )
+        fast = _Fast(entry, tuple(walk.guards))
+        if not any(isinstance(c(), jax.core.Tracer) for c in entry.compiled.consts):
+            self._fast[sig] = fast
+        return fast
 
-        def inherited(sub, prefer=None) -> list | None:
-            # The argument at the same position is tried first, then the others in order, so
-            # that `return model, state` after `step(model, state, ...)` pairs them up even
-            # when the two have the same structure.
-            structure = jtu.tree_structure(sub)
-            ordered = sorted(candidates, key=lambda c: c[1] != prefer)
-            for struct, a_idx, bare in ordered:
-                if bare is not None and (
-                    not is_arraylike(sub)
-                    or (np.shape(sub), jax.numpy.result_type(sub)) != bare
-                ):
-                    continue  # a bare array passes its layout only to an array like it
-                if struct == structure:
-                    start = arg_start[a_idx]
-                    return [
-                        layout_of_leaf[start + j]
-                        if (start + j) in dyn_pos
-                        else _DEFAULT
-                        for j in range(structure.num_leaves)
-                    ]
-            return None
-
-        out_axes = self.out_axes
-
-        def decide(out, infos):
-            n_out = len(infos)
-            if isinstance(out_axes, StateAxes):
-                by_path = out_axes.axes_of(out)
-                wanted = [by_path.get(info.path, _DEFAULT) for info in infos]
-            elif out_axes is not _DEFAULT:
-                wanted = _prefix_axes(out_axes, out)
-            else:
-                wanted = inherited(out)
-                if wanted is None and isinstance(out, tuple):
-                    wanted = []
-                    for position, element in enumerate(out):
-                        got = inherited(element, prefer=position)
-                        wanted += (
-                            got
-                            if got is not None
-                            else [_DEFAULT] * len(jtu.tree_leaves(element))
-                        )
-                elif wanted is None:
-                    wanted = [_DEFAULT] * n_out
-            decisions, check, surely = [None] * n_out, set(), []
-            for i, (info, w) in enumerate(zip(infos, wanted)):
-                if not is_arraylike(info.leaf):
-                    continue
-                if callable(w) and w is not _DEFAULT:
-                    w = w(info.leaf)
-                if w is _DEFAULT:
-                    # Rule 2: replicated when the trace shows it the same everywhere; also when
-                    # only the replicated inputs make it vary (checked at run time).
-                    # (`varying_alone` is None when JAX could not type the trace: then a
-                    # device axis, as `jax.pmap` gives.)
-                    axis = None if info.varying_alone is False else 0
-                else:
-                    axis = normalize_axis(w, np.ndim(info.leaf), info.path)
-                    if axis is None and info.varying_alone:
-                        surely.append(_out_where(info.path))
-                j = info.input_index
-                if (
-                    j is not None
-                    and in_axes[j] == axis
-                    and j not in donated
-                    and not self._needs_put(leaves[dyn_index[j]], mesh, axis)
-                ):
-                    decisions[i] = _engine.Pass(j)
-                    continue
-                decisions[i] = axis
-                if axis is None and info.varying:
-                    check.add(i)
-            if surely:
-                raise ValueError(
-                    f"The output at {paths_str(surely)} must come back replicated (the same on "
-                    f"every device of the axis {self.axis_name!r}), but the trace shows it varying over the "
-                    "axis: it is computed from mapped inputs (or `jax.lax.axis_index`) without a "
-                    "collective such as `jax.lax.pmean`, `psum` or `all_gather`. Reduce it over "
-                    "the axis, or return it with a device axis (`out_axes=0`)."
-                )
-            return _engine.Decided(decisions, frozenset(check))
-
+    def _compile(self, args, kwargs, leaves, walk: KeyedWalk):
+        inputs = _read_inputs(self, args, kwargs, leaves)
+        mesh, n = inputs.mesh, inputs.mesh.shape[self.axis_name]
+        dyn = [leaves[i] for i in inputs.dyn_index]
         static = [x for x in leaves if not is_arraylike(x)]
         is_dyn = [is_arraylike(x) for x in leaves]
+        treedef = jtu.tree_structure((args, kwargs))
         fun = self.fun
 
         def fn(local):
@@ -361,39 +563,39 @@ class Pmap2:
             call_args, call_kwargs = treedef.unflatten(full)
             return fun(*call_args, **call_kwargs)
 
-        compiled = _engine.compiled(
-            None,  # cached in `self._cache`, which dies with this function
-            fn,
-            [leaves[i] for i in dyn_index],
-            in_axes,
-            decide,
+        candidates = _rule1_candidates(args, inputs, self.axis_name)
+        avals = per_device_avals(dyn, inputs.in_axes)
+        traced = trace(fn, avals, self.axis_name, n, _want(self.out_axes, candidates))
+        mapped = [a is not None for a in inputs.in_axes]
+        varying = varying_outputs(traced.jaxpr, mapped, self.axis_name)
+        out_leaves = [
+            OutLeaf(traced.paths[i], aval.ndim, v, j)
+            for i, aval, v, j in zip(
+                traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
+            )
+        ]
+        layout = step_layout(
+            out_leaves,
+            traced.wanted,
+            check=self._check,
+            in_axes=inputs.in_axes,
+            passable=inputs.passable,
+            axis_name=self.axis_name,
+        )
+        user = {id(w.get()) for w in walk.weak if w.alive}
+        compiled, cacheable = _engine.build(
+            traced,
+            layout,
+            in_axes=inputs.in_axes,
             mesh=mesh,
             axis_name=self.axis_name,
-            pvary_inputs=True,
-            donate=sorted(donated),
-            check={True: "raise", False: "off", "sync": "flags"}[self.check_replicated],
+            axis_size=n,
+            donate=inputs.donated,
+            user_arrays=user,
         )
-        put = any(
-            self._needs_put(leaves[i], mesh, a) for i, a in zip(dyn_index, in_axes)
-        )
-        return _Entry(compiled, tuple(dyn_index), put)
-
-    def _needs_put(self, x, mesh, axis) -> bool:
-        return getattr(x, "sharding", None) != NamedSharding(
-            mesh, axis_spec(self.axis_name, axis)
-        )
-
-    def _donated(self, args, dyn_index, arg_start) -> list[int]:
-        if self.donate == "none":
-            return []
-        if self.donate == "all":
-            return list(range(len(dyn_index)))
-        first_end = (
-            arg_start[1]
-            if len(arg_start) > 1
-            else (len(jtu.tree_leaves(args)) if args else 0)
-        )
-        return [d for d, i in enumerate(dyn_index) if i >= first_end]
+        put = not all(_engine._placed(x, s) for x, s in zip(dyn, compiled.in_shardings))
+        entry = _Entry(compiled, inputs.dyn_index, inputs.donated, put)
+        return entry, cacheable
 
 
 @overload
@@ -403,7 +605,7 @@ def pmap2(
     in_axes: Any = ...,
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
-    check_replicated: bool | Literal["sync"] = True,
+    check_replicated: bool | Literal["runtime"] = True,
     devices: Sequence[jax.Device] | Mesh | None = None,
 ) -> Callable[[Callable], Pmap2]: ...
 
@@ -416,7 +618,7 @@ def pmap2(
     in_axes: Any = ...,
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
-    check_replicated: bool | Literal["sync"] = True,
+    check_replicated: bool | Literal["runtime"] = True,
     devices: Sequence[jax.Device] | Mesh | None = None,
 ) -> Pmap2: ...
 
@@ -425,8 +627,8 @@ def pmap2(
     fun=None,
     *,
     axis_name="devices",
-    in_axes=_DEFAULT,
-    out_axes=_DEFAULT,
+    in_axes=DEFAULT,
+    out_axes=DEFAULT,
     donate="none",
     check_replicated=True,
     devices=None,
@@ -462,16 +664,18 @@ def pmap2(
         that check; return it with `out_axes=0`), and with a device axis at 0 otherwise.
         Override in the same two forms as `in_axes`.
     - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
-    - `check_replicated`: replication is never assumed. An output that must come back
-        replicated but that the trace shows varying is a `ValueError` at trace time; one
-        that the trace cannot settle (a parameter updated with a `pmean`'d gradient) is
-        compared across devices at run time by two hashes per leaf and one `pmax`, and a
-        mismatch fails the call, no later than when its results are waited on, with an
-        error naming the leaf. The error reaches you as a
-        `jax.errors.JaxRuntimeError` whose message holds the `ReplicationError`'s text.
-        `"sync"` instead waits for each call's check and raises
-        [`eqx_pmapstate.ReplicationError`][] itself, at the cost of the asynchronous
-        dispatch; `False` turns the run-time check off.
+    - `check_replicated`: replication is proved, never assumed. Every output that
+        comes back replicated (by the rules above or because `out_axes` says so) must be
+        proved the same on every device when the function is traced: a value computed
+        only from replicated inputs, or reduced over the axis by `psum`, `pmean`, `pmax`,
+        `pmin` or `all_gather`. An output that must be replicated but is not proved so
+        (a parameter updated with a gradient that was not `pmean`'d) is a `ValueError`
+        naming it, before anything runs, at no run-time cost (`True`, the default).
+        `"runtime"` instead compares such outputs across devices after each call (two
+        hashes per leaf and one `pmax`; the call waits for the check) and raises
+        [`eqx_pmapstate.ReplicationError`][] naming the leaves that differ: for values
+        that are equal for a reason the proof cannot see. `False` takes them as they are,
+        as `jax.pmap` does (each device keeps its own value under a replicated label).
     - `devices`: devices or a `Mesh` to use when no input is laid out on a mesh yet.
 
     **Returns:**

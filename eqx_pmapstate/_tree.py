@@ -7,26 +7,53 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._state import State
+from ._state import NonBatchState, State
 
 
 class StateRef(NamedTuple):
+    """One state of a tree.
+
+    - `path`: its key path from the root.
+    - `state`: a marker, or a bare array leaf outside any marker.
+    - `ancestors`: the objects that enclose it, outermost first.
+    - `leaves`: `(path, array)` for each array that belongs to it: every array in the
+        marker, except those inside a `NonBatchState` nested in it (a state of its own).
+    """
+
     path: tuple
-    state: Any  # a marker, or a bare array leaf
-    ancestors: tuple  # enclosing objects, outermost first
+    state: Any
+    ancestors: tuple
+    leaves: tuple
 
 
 def is_arraylike(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
+def _is_nested_nonbatch(outer):
+    return lambda x: isinstance(x, NonBatchState) and x is not outer
+
+
+def _marker_refs(marker, path, ancestors) -> Iterator[StateRef]:
+    inner = jtu.tree_flatten_with_path(marker, is_leaf=_is_nested_nonbatch(marker))[0]
+    own = tuple((path + tuple(p), x) for p, x in inner if is_arraylike(x))
+    yield StateRef(path, marker, ancestors, own)
+    for p, x in inner:
+        if isinstance(x, NonBatchState):
+            yield from _marker_refs(x, path + tuple(p), ancestors + (marker,))
+
+
 def iter_states(tree) -> Iterator[StateRef]:
-    """Yields every state of `tree`: each outermost marker, and each array leaf outside any
-    marker, in the order of `jax.tree_util.tree_flatten`."""
+    """Yields every state of `tree`: each outermost marker (and each `NonBatchState`
+    nested inside a marker), and each array leaf outside any marker, in the order of
+    `jax.tree_util.tree_flatten`."""
 
     def walk(node, path, ancestors):
-        if isinstance(node, State) or is_arraylike(node):
-            yield StateRef(path, node, ancestors)
+        if isinstance(node, State):
+            yield from _marker_refs(node, path, ancestors)
+            return
+        if is_arraylike(node):
+            yield StateRef(path, node, ancestors, ((path, node),))
             return
         children, _ = jtu.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
         if len(children) == 1 and children[0][1] is node:
@@ -52,15 +79,21 @@ def paths_str(paths, limit: int = 6) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _is_none(x) -> bool:
+    return x is None
+
+
 def broadcast_prefix(prefix, tree) -> list:
-    """A pytree prefix of `tree` (whose leaves are axes: ints, None, or anything that is a
-    pytree leaf) as one entry per leaf of `tree`. Raises ValueError if it is no prefix."""
-    if prefix is None or isinstance(prefix, int) or callable(prefix):
+    """A pytree prefix of `tree` whose leaves are axes (ints, None, or callables of a
+    leaf) as one entry per leaf of `tree`. A `None` in the prefix is an axis; a `None` in
+    `tree` (an empty field) has no leaves, so it takes no entry. Raises ValueError if
+    `prefix` is no prefix of `tree`."""
+    if jtu.treedef_is_leaf(jtu.tree_structure(prefix, is_leaf=_is_none)):
         return [prefix] * len(jtu.tree_leaves(tree))
-    full = jtu.tree_map(
-        lambda a, sub: jtu.tree_map(lambda _: a, sub),
-        prefix,
-        tree,
-        is_leaf=lambda x: x is None,
-    )
-    return jtu.tree_leaves(full, is_leaf=lambda x: x is None)
+    structure = jtu.tree_structure(prefix, is_leaf=_is_none)
+    subtrees = structure.flatten_up_to(tree)
+    axes = jtu.tree_leaves(prefix, is_leaf=_is_none)
+    out: list = []
+    for axis, sub in zip(axes, subtrees, strict=True):
+        out.extend([axis] * len(jtu.tree_leaves(sub)))
+    return out

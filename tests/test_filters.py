@@ -228,14 +228,15 @@ def _make_encdec():
 
 def test_pathcontains_really_matches_paths_in_pmap2_new_states(leaks):
     # brainstate calls filters with an empty path, so PathContains never matches there.
-    out = ep.pmap2_new_states(
-        _make_encdec,
-        state_out_axes={
-            1: PathContains("w"),
-            None: PathContains(1),
-            -1: PathContains("nothing"),
-        },
-    )
+    with pytest.warns(UserWarning, match="PathContains\\(key='nothing'\\)"):
+        out = ep.pmap2_new_states(
+            _make_encdec,
+            state_out_axes={
+                1: PathContains("w"),
+                None: PathContains(1),
+                -1: PathContains("nothing"),
+            },
+        )
     assert out.encoder["w"].shape == (2, 8)  # dict key -> axis 1
     assert out.encoder["v"].shape == (8, 2)  # no match -> axis 0
     assert out.decoder[0].value.shape == (8, 2)

@@ -376,7 +376,11 @@ def test_default_no_filter_means_axis_0(leaks):
 
 
 def test_unmatched_states_go_to_axis_0(leaks):
-    out = ep.pmap2_new_states(_mixed, state_out_axes={1: "t", -1: WithTag("absent")})
+    # A filter that matches no state at all is almost always a typo: it is said.
+    with pytest.warns(UserWarning, match=r"WithTag\(tag='absent'\) for axis -1"):
+        out = ep.pmap2_new_states(
+            _mixed, state_out_axes={1: "t", -1: WithTag("absent")}
+        )
     assert out["t"].value.shape == (2, N)
     for k in ("p", "s"):
         assert out[k].value.shape == (N, 2)

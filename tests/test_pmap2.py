@@ -625,6 +625,10 @@ def _replicated_model():
     )
 
 
+def _replicated_with(x):
+    return ep.pmap2_new_states(lambda: ep.NonBatchState(x)).value
+
+
 def test_replicated_output_that_varies_is_a_trace_time_error():
     model = _replicated_model()
     assert_laid_out(model["w"].value, None)
@@ -641,23 +645,51 @@ def test_replicated_output_that_varies_is_a_trace_time_error():
     assert not isinstance(info.value, jax.errors.JaxRuntimeError)
 
 
-def test_replicated_output_that_drifts_is_a_run_time_error():
+def test_replicated_output_that_drifts_is_a_trace_time_error():
+    # The forgotten `pmean`: the dataflow pass proves before anything runs that the
+    # update of a replicated parameter depends on the per-device data.
     model = _replicated_model()
+    traces = []
 
     @ep.pmap2
     def step(model, x):
+        traces.append(1)
         w = model["w"].value
-        g = jax.grad(lambda w: jnp.sum(w * x))(
-            w
-        )  # no pmean: each device its own gradient
+        g = jax.grad(lambda w: jnp.sum(w * x))(w)  # no pmean: each its own gradient
         return {"w": ep.ParamState(w - g), "s": model["s"]}
 
     x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
-    with pytest.raises(
-        jax.errors.JaxRuntimeError, match=r"(?s)\['w'\]\.value.*same on every device"
-    ):
-        out = step(model, x)
-        jax.block_until_ready(out)
+    with pytest.raises(ValueError, match=r"(?s)\['w'\]\.value.*pmean"):
+        step(model, x)
+    assert len(traces) == 1  # found from the one trace, before compiling or running
+
+
+def test_replicated_output_that_drifts_is_a_run_time_error_when_asked():
+    model = _replicated_model()
+
+    def step(model, x):
+        w = model["w"].value
+        g = jax.grad(lambda w: jnp.sum(w * x))(w)
+        return {"w": ep.ParamState(w - g), "s": model["s"]}
+
+    x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
+    with pytest.raises(ep.ReplicationError, match=r"(?s)\['w'\]\.value.*same on every"):
+        ep.pmap2(step, check_replicated="runtime")(model, x)
+
+
+def test_runtime_check_passes_values_made_equal_by_arithmetic(leaks):
+    # `x - x` is the same everywhere although it is computed from per-device data: the
+    # proof cannot see it (a trace-time error), the run-time comparison can.
+    def step(w, x):
+        return w + (x - x).sum()
+
+    w = _replicated_with(jnp.ones(3))
+    x = np.arange(N, dtype=np.float32).reshape(N, 1)
+    with pytest.raises(ValueError, match="check_replicated='runtime'"):
+        ep.pmap2(step)(w, x)
+    out = ep.pmap2(step, check_replicated="runtime")(w, x)
+    assert_laid_out(out, None)
+    np.testing.assert_array_equal(np.asarray(out), np.ones(3))
 
 
 def test_replicated_output_with_pmean_is_fine(leaks):

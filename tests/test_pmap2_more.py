@@ -16,15 +16,23 @@ def _replicated(x):
 
 
 def test_inside_jit(leaks):
-    double = ep.pmap2(lambda x: x * 2)
+    double = ep.pmap2(lambda x: x * 2, in_axes=0)
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     out = jax.jit(lambda x: double(x) + 1)(x)
     np.testing.assert_array_equal(np.asarray(out), 2 * x + 1)
 
 
-def test_inside_jit_tracers_need_their_axes_given():
-    # Inside `jax.jit` a tracer has no layout to read: like a host array, it is mapped
-    # over axis 0 unless `in_axes` says otherwise.
+def test_inside_jit_a_tracer_without_in_axes_is_an_error():
+    # Inside `jax.jit` a replicated parameter is a tracer whose layout cannot be read:
+    # mapping it over axis 0 would be silently wrong, so `in_axes` must say.
+    f = ep.pmap2(lambda w, x: w * jax.lax.psum(x, "devices"))
+    w = _replicated(jnp.ones(8))
+    x = np.ones((8, 1), np.float32)
+    with pytest.raises(ValueError, match=r"args\[0\] is traced.*in_axes"):
+        jax.jit(f)(w, x)
+
+
+def test_inside_jit_tracers_are_mapped_by_in_axes():
     scale = ep.pmap2(in_axes=(None, 0))(
         lambda w, x: w * jax.lax.pmean(x.sum(), "devices")
     )
@@ -33,6 +41,8 @@ def test_inside_jit_tracers_need_their_axes_given():
     out = jax.jit(scale)(w, x)
     assert out.shape == (3,) and out.sharding.spec == P()
     np.testing.assert_allclose(np.asarray(out), np.full(3, 2.0))
+    # the eager call gives the same
+    np.testing.assert_allclose(np.asarray(scale(w, x)), np.full(3, 2.0))
 
 
 def test_grad_through_pmap2():
@@ -66,7 +76,7 @@ def test_weak_and_strong_inputs_share_the_layout_decisions():
     assert b.sharding == per
 
 
-def test_sync_check_raises_replication_error_itself():
+def test_runtime_check_raises_replication_error_itself():
     w = _replicated(jnp.zeros(3))
     x = np.arange(8, dtype=np.float32).reshape(8, 1)
 
@@ -74,12 +84,12 @@ def test_sync_check_raises_replication_error_itself():
         return w - jax.grad(lambda w: jnp.sum(w * x.sum()))(w)
 
     with pytest.raises(ep.ReplicationError, match=r"<root>.*pmean"):
-        ep.pmap2(drift, check_replicated="sync")(w, x)
+        ep.pmap2(drift, check_replicated="runtime")(w, x)
 
     def fine(w, x):
         return w - jax.lax.pmean(jax.grad(lambda w: jnp.sum(w * x.sum()))(w), "devices")
 
-    out = ep.pmap2(fine, check_replicated="sync")(w, x)
+    out = ep.pmap2(fine, check_replicated="runtime")(w, x)
     np.testing.assert_allclose(np.asarray(out), np.full(3, -3.5))
     with pytest.raises(ValueError, match="check_replicated"):
         ep.pmap2(fine, check_replicated="yes")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import eqx_pmapstate as ep
-from eqx_pmapstate._engine import checksum
+from eqx_pmapstate._checks import checksum
 
 
 def _make(x):
@@ -47,8 +47,8 @@ def test_checksum_sees_differences_that_cancel_in_a_weighted_sum():
 
 
 def test_checksums_of_small_and_large_arrays_together():
-    from eqx_pmapstate import _engine
-    from eqx_pmapstate._engine import checksums
+    from eqx_pmapstate import _checks as _engine
+    from eqx_pmapstate._checks import checksums
 
     big = jnp.arange(_engine._SMALL + 5, dtype=jnp.float32)
     xs = [

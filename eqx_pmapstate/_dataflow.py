@@ -1,0 +1,161 @@
+"""Which values of a per-device program differ between devices.
+
+A dataflow pass over the program's jaxpr, traced once with `jax.pmap`'s semantics (a
+replicated input is an identical copy on every device). A value *varies* over the axis
+when it may differ between devices: it depends on a mapped input, or on
+`jax.lax.axis_index` (or another collective whose result differs per device, such as
+`ppermute`), of that axis. A value is *invariant* when it is computed only from
+invariant values by deterministic operations, or when it is the result of a reducing
+collective over the axis (`psum`, `pmean`, `pmax`, `pmin`, `all_gather`, `pbroadcast`).
+
+The pass follows sub-jaxprs: calls (`jit`, `custom_jvp`/`custom_vjp`, `checkpoint`, and
+anything else with one sub-jaxpr of the same arity), `cond`, `while` and `scan` (to a fixed
+point). An operation it does not know, with sub-jaxprs, varies as soon as one of its
+inputs varies or one of its sub-jaxprs could make a value vary. So "invariant" is a proof;
+"varying" may be conservative (`x - x` varies when `x` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ._jax_compat import Literal, open_jaxpr, subjaxprs
+
+
+# Collectives whose result is the same on every device of the axes they reduce over.
+_REDUCING = frozenset(
+    {
+        "psum",
+        "psum2",
+        "psum_invariant",
+        "pmax",
+        "pmin",
+        "all_gather",
+        "all_gather_invariant",
+        "pbroadcast",
+    }
+)
+# Operations that change how a value is typed, not the value.
+_VALUE_PRESERVING = frozenset({"pvary", "pcast"})
+# Operations whose result may differ between devices whatever their inputs.
+_IMPURE = frozenset({"io_callback", "rng_uniform"})
+
+
+def varying_outputs(
+    closed, in_varying: Sequence[bool], axis_name: str
+) -> tuple[bool, ...]:
+    """For each output of `closed` (a `ClosedJaxpr`), whether it may differ between
+    devices of `axis_name`, given which inputs do. Constants are invariant."""
+    jaxpr, n_consts = open_jaxpr(closed)
+    return _run(jaxpr, [False] * n_consts + list(in_varying), axis_name)
+
+
+def _run(jaxpr, in_flags: Sequence[bool], axis: str) -> tuple[bool, ...]:
+    # `in_flags` covers the jaxpr's constvars, then its invars.
+    env: dict = {}
+    for var, flag in zip(
+        list(jaxpr.constvars) + list(jaxpr.invars), in_flags, strict=True
+    ):
+        env[var] = bool(flag)
+
+    def read(atom) -> bool:
+        return False if isinstance(atom, Literal) else env.get(atom, False)
+
+    for eqn in jaxpr.eqns:
+        flags = _rule(eqn, [read(a) for a in eqn.invars], axis)
+        for var, flag in zip(eqn.outvars, flags):
+            env[var] = flag
+    return tuple(read(a) for a in jaxpr.outvars)
+
+
+def _sub(closed_or_open, in_flags: Sequence[bool], axis: str) -> tuple[bool, ...]:
+    jaxpr, n_consts = open_jaxpr(closed_or_open)
+    return _run(jaxpr, [False] * n_consts + list(in_flags), axis)
+
+
+def _axis_names(params) -> tuple:
+    """The axis names an equation's parameters name (`axes` or `axis_name`)."""
+    names: list = []
+    for key in ("axes", "axis_name"):
+        value = params.get(key)
+        if isinstance(value, (tuple, list)):
+            names.extend(value)
+        elif value is not None:
+            names.append(value)
+    return tuple(names)
+
+
+def _rule(eqn, ins: list[bool], axis: str) -> list[bool]:
+    name = eqn.primitive.name
+    n_out = len(eqn.outvars)
+    if axis in _axis_names(eqn.params):
+        grouped = eqn.params.get("axis_index_groups") is not None
+        if name in _REDUCING and not grouped:
+            return [False] * n_out
+        if name in _VALUE_PRESERVING:
+            return [any(ins)] * n_out
+        return [True] * n_out  # axis_index, ppermute, all_to_all, psum_scatter, ...
+    if name in _IMPURE:
+        return [True] * n_out
+    special = _HIGHER_ORDER.get(name)
+    if special is not None:
+        found = special(eqn, ins, axis)
+        if found is not None:
+            return list(found)
+    subs = subjaxprs(eqn.params)
+    if not subs:
+        return [any(ins)] * n_out
+    if len(subs) == 1:
+        jaxpr, _ = open_jaxpr(subs[0])
+        if len(jaxpr.invars) == len(ins) and len(jaxpr.outvars) == n_out:
+            return list(_sub(subs[0], ins, axis))  # a call
+    # Unknown: varies if any input does, or if its body can make a value vary.
+    return [any(ins) or any(_introduces_variation(s, axis) for s in subs)] * n_out
+
+
+def _introduces_variation(closed_or_open, axis: str) -> bool:
+    """Whether a jaxpr can produce a varying value from invariant inputs."""
+    jaxpr, n_consts = open_jaxpr(closed_or_open)
+    flags = _run(jaxpr, [False] * (n_consts + len(jaxpr.invars)), axis)
+    return any(flags)
+
+
+def _cond(eqn, ins, axis):
+    if ins[0]:  # the branch taken differs between devices
+        return [True] * len(eqn.outvars)
+    outs = [False] * len(eqn.outvars)
+    for branch in eqn.params["branches"]:
+        outs = [a or b for a, b in zip(outs, _sub(branch, ins[1:], axis))]
+    return outs
+
+
+def _while(eqn, ins, axis):
+    cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+    cond_consts, body_consts, carry = ins[:cn], ins[cn : cn + bn], list(ins[cn + bn :])
+    carry = _fixed_point(
+        lambda c: _sub(eqn.params["body_jaxpr"], body_consts + c, axis), carry
+    )
+    if _sub(eqn.params["cond_jaxpr"], cond_consts + carry, axis)[0]:
+        return [True] * len(eqn.outvars)  # the trip count differs between devices
+    return carry
+
+
+def _scan(eqn, ins, axis):
+    if "num_consts" not in eqn.params or "num_carry" not in eqn.params:
+        return None  # a newer layout of the parameters: the generic rule applies
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    consts, carry, xs = ins[:nc], list(ins[nc : nc + nk]), ins[nc + nk :]
+    body = eqn.params["jaxpr"]
+    carry = _fixed_point(lambda c: _sub(body, consts + c + xs, axis)[:nk], carry)
+    return list(_sub(body, consts + carry + xs, axis))
+
+
+def _fixed_point(step, flags: list[bool]) -> list[bool]:
+    while True:
+        new = [a or b for a, b in zip(flags, step(flags))]
+        if new == flags:
+            return flags
+        flags = new
+
+
+_HIGHER_ORDER = {"cond": _cond, "while": _while, "scan": _scan}

@@ -1,0 +1,50 @@
+"""Everything this library takes from JAX beyond its main public API, in one place.
+
+The jaxpr types come from `jax.extend.core`, JAX's API for libraries that read and
+evaluate jaxprs. One private function is used: `jax._src.util.register_cache`, so that
+`jax.clear_caches()` also clears this library's cache. `tests/test_jax_compat.py` pins
+each of these; if JAX changes one, that test fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.extend.core as jex_core
+
+
+ClosedJaxpr = jex_core.ClosedJaxpr
+Jaxpr = jex_core.Jaxpr
+Literal = jex_core.Literal
+jaxpr_as_fun = jex_core.jaxpr_as_fun
+
+
+def open_jaxpr(j) -> tuple[Any, int]:
+    """A `Jaxpr` and its number of constvars, from a `ClosedJaxpr` or a `Jaxpr`."""
+    if isinstance(j, ClosedJaxpr):
+        return j.jaxpr, len(j.jaxpr.constvars)
+    return j, len(j.constvars)
+
+
+def subjaxprs(params) -> list:
+    """The jaxprs (closed or open) among an equation's parameters."""
+    return list(jex_core.jaxprs_in_params(params))
+
+
+def evaluate(closed, consts, *args) -> list:
+    """Evaluates the jaxpr of `closed` with `consts` in place of its own constants."""
+    return jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, list(consts)))(*args)
+
+
+def register_with_jax_clear_caches(cache, what: str) -> bool:
+    """Registers `cache` (with `cache_clear`, `cache_info`, `cache_keys`) so that
+    `jax.clear_caches()` clears it. Returns whether JAX offered the hook."""
+    try:
+        from jax._src import util
+    except ImportError:  # pragma: no cover - a JAX without it
+        return False
+    register = getattr(util, "register_cache", None)
+    if register is None:  # pragma: no cover
+        return False
+    register(cache, what)
+    return True

@@ -1,0 +1,117 @@
+"""Layout decisions: pure functions from facts about each output to its axis.
+
+The facts (`OutLeaf`) come from the trace and the dataflow pass; what the caller asked
+for (`wanted`: an axis as written, `None` for replicated, or `DEFAULT`) from the filters,
+`out_axes`, or the layout of an argument. Nothing here traces or runs anything, so tests
+can call these with made-up facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, NamedTuple
+
+from ._assign import normalize_axis
+from ._engine import Layout, Pass
+from ._tree import keystr, paths_str
+
+
+class _Default:
+    def __repr__(self):
+        return "DEFAULT"
+
+
+DEFAULT = _Default()  # nothing asked: the rule of the caller applies
+
+
+class OutLeaf(NamedTuple):
+    """What is known about one array output of a traced per-device function."""
+
+    path: tuple  # its key path in the output
+    ndim: int  # its number of dimensions on one device
+    varying: bool  # whether it may differ between devices (else proved the same)
+    input_index: int | None = None  # the input it is, unchanged, if any
+
+
+CheckMode = Literal["trace", "runtime", "off"]
+
+
+def step_layout(
+    leaves: Sequence[OutLeaf],
+    wanted: Sequence,
+    *,
+    check: CheckMode = "trace",
+    in_axes: Sequence[int | None] = (),
+    passable: frozenset[int] = frozenset(),
+    axis_name: str = "devices",
+) -> Layout:
+    """The layout of the outputs of a `pmap2` function.
+
+    An output asked for nothing (`DEFAULT`) is replicated when it is proved the same on
+    every device, and gets a device axis at 0 otherwise. One asked to be replicated that
+    is not proved the same is an error naming it (`check="trace"`), is compared across
+    devices at run time (`"runtime"`), or is taken as it is (`"off"`, `jax.pmap`'s
+    behaviour). An output that is input `j` unchanged, wanted on the axis input `j` has,
+    is handed back as it is when `j` is in `passable`.
+    """
+    axes, checked, unproved = [], set(), []
+    for k, (leaf, want) in enumerate(zip(leaves, wanted, strict=True)):
+        if want is DEFAULT:
+            axis = 0 if leaf.varying else None
+        else:
+            axis = normalize_axis(want, leaf.ndim, leaf.path)
+            if axis is None and leaf.varying:
+                if check == "trace":
+                    unproved.append("output" + keystr(leaf.path).removeprefix("<root>"))
+                elif check == "runtime":
+                    checked.add(k)
+        j = leaf.input_index
+        if j is not None and j in passable and in_axes[j] == axis and k not in checked:
+            axes.append(Pass(j))
+        else:
+            axes.append(axis)
+    if unproved:
+        raise ValueError(
+            f"The output at {paths_str(unproved)} must come back replicated (the same on "
+            f"every device of the axis {axis_name!r}), but it is computed from mapped "
+            "inputs (or `jax.lax.axis_index`) without a collective such as "
+            "`jax.lax.pmean`, `psum` or `all_gather` over the axis, so it may differ "
+            "between devices. Reduce it over the axis (for gradients: "
+            f"`jax.lax.pmean(grads, {axis_name!r})`), or return it with a device axis "
+            "(`out_axes=0`). If it is equal on every device for a reason this library "
+            "cannot see, pass `check_replicated='runtime'` to have it compared at run "
+            "time instead."
+        )
+    return Layout(tuple(axes), frozenset(checked))
+
+
+def new_states_layout(
+    leaves: Sequence[OutLeaf], wanted: Sequence, held: Mapping[tuple, int]
+) -> Layout:
+    """The layout of the states made by `pmap2_new_states` / `vmap2_new_states`.
+
+    `held` maps the path of each leaf the module held before initialisation to its input
+    number: it must come back unchanged (and is handed back as it is). Every other leaf
+    goes to the axis its filters chose (`wanted`, as written); a replicated one that is
+    not proved the same everywhere is checked when it is made.
+    """
+    axes, checked = [], set()
+    at = {leaf.path: k for k, leaf in enumerate(leaves)}
+    for path, j in held.items():
+        k = at.get(path)
+        if k is None or leaves[k].input_index != j:
+            raise ValueError(
+                f"`init_state` changed the leaf at {keystr(path)}, which the module "
+                "already held. Leaves that exist before initialisation come back "
+                "unchanged; create new states in `init_state`, or build the whole tree "
+                "with a callable instead."
+            )
+    for k, (leaf, want) in enumerate(zip(leaves, wanted, strict=True)):
+        if leaf.path in held:
+            axes.append(Pass(held[leaf.path]))
+            continue
+        axis = normalize_axis(want, leaf.ndim, leaf.path)
+        if axis is None and leaf.varying:
+            checked.add(k)
+        axes.append(axis)
+    return Layout(tuple(axes), frozenset(checked))

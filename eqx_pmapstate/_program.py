@@ -1,0 +1,119 @@
+"""The program that runs a traced per-device jaxpr over an axis.
+
+Over a mesh axis it is `jax.jit(jax.shard_map(..., check_vma=False))`, the semantics of
+`jax.pmap` (a replicated input is an identical copy on each device), with the output
+shardings given explicitly so that a device axis survives on a one-device mesh and on
+zero-size arrays. Over an ensemble on one device it is `jax.jit(jax.vmap(...))`. Either
+way the body evaluates the jaxpr traced before; the user's function is not traced again.
+
+The jaxpr's constants are inputs of the program (replicated), so that the program holds
+no array of its own; the caller passes them on each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ._checks import differ_across, differ_between_members
+from ._jax_compat import evaluate
+from ._mesh import axis_spec
+
+
+def _evaluate(closed, consts, local) -> list:
+    outs = evaluate(closed, consts, *local)
+    # A literal output comes back as a Python scalar: give it its traced dtype.
+    return [
+        o if isinstance(o, jax.Array) else jnp.asarray(o, dtype=aval.dtype)
+        for o, aval in zip(outs, closed.out_avals)
+    ]
+
+
+def _expand(x, axis):
+    return x if axis is None else jnp.expand_dims(x, axis)
+
+
+def _squeeze(xs, in_axes):
+    return [x if a is None else jnp.squeeze(x, a) for x, a in zip(xs, in_axes)]
+
+
+def sharded(
+    closed,
+    n_consts: int,
+    in_axes: Sequence[int | None],
+    outputs: Sequence[tuple[int, int | None]],
+    checked: Sequence[int],
+    mesh: Mesh,
+    axis_name: str,
+    donate: Sequence[int] = (),
+):
+    """`jit(shard_map(...))` of the jaxpr: takes `(*consts, *inputs)` as global arrays and
+    returns, for each `(k, axis)` of `outputs`, the jaxpr's output `k` laid out along
+    `axis`; then, if `checked` (output numbers) is not empty, a bool per checked output:
+    True where it differs between devices."""
+    in_axes, outputs, checked = tuple(in_axes), tuple(outputs), tuple(checked)
+    out_axes = [a for _, a in outputs]
+
+    def body(*xs):
+        consts, local = xs[:n_consts], _squeeze(xs[n_consts:], in_axes)
+        outs = _evaluate(closed, consts, local)
+        res = [_expand(outs[k], a) for k, a in outputs]
+        if checked:
+            res.append(differ_across([outs[k] for k in checked], axis_name))
+        return res
+
+    in_specs = (P(),) * n_consts + tuple(axis_spec(axis_name, a) for a in in_axes)
+    out_specs = [axis_spec(axis_name, a) for a in out_axes] + ([P()] if checked else [])
+    mapped = jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    out_shardings = [NamedSharding(mesh, s) for s in out_specs]
+    return jax.jit(
+        mapped,
+        out_shardings=out_shardings,
+        donate_argnums=tuple(n_consts + i for i in donate),
+    )
+
+
+def vmapped(
+    closed,
+    n_consts: int,
+    in_axes: Sequence[int | None],
+    outputs: Sequence[tuple[int, int | None]],
+    checked: Sequence[int],
+    axis_size: int,
+    axis_name,
+    donate: Sequence[int] = (),
+):
+    """`jit(vmap(...))` of the jaxpr over an ensemble axis of `axis_size` members, with
+    the same calling convention as `sharded`. A checked output is made with the member
+    axis, compared member by member, and its first member returned."""
+    keep = [k for k, _ in outputs]
+    checked = tuple(keep.index(k) for k in checked)
+    run_axes = tuple(0 if i in checked else a for i, (_, a) in enumerate(outputs))
+
+    def body(consts, local):
+        outs = _evaluate(closed, consts, local)
+        return [outs[k] for k in keep]
+
+    mapped = jax.vmap(
+        body,
+        in_axes=(None, list(in_axes)),
+        out_axes=list(run_axes),
+        axis_name=axis_name,
+        axis_size=axis_size,
+    )
+
+    def program(*xs):
+        outs = list(mapped(list(xs[:n_consts]), list(xs[n_consts:])))
+        if not checked:
+            return outs
+        flags = jnp.stack([differ_between_members(outs[i]) for i in checked])
+        for i in checked:
+            outs[i] = outs[i][0]
+        return outs + [flags]
+
+    return jax.jit(program, donate_argnums=tuple(n_consts + i for i in donate))

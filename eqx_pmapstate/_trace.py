@@ -1,0 +1,117 @@
+"""Tracing a per-device function, once, to a jaxpr and the structure of its output."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._jax_compat import Literal
+
+
+_active = threading.local()
+
+
+class Traced(NamedTuple):
+    """A per-device function, traced.
+
+    - `jaxpr`: the `ClosedJaxpr` of the function from its dynamic inputs to its array
+        outputs, with collectives over the axis (traced under `axis_env`).
+    - `treedef`: the structure of the output.
+    - `paths`: the key path of every flat output leaf.
+    - `statics`: every flat output leaf that is not an array (`None` where it is one).
+    - `arrays`: the flat indices of the array leaves, in the order of the jaxpr's outputs.
+    - `input_of`: per jaxpr output, the index of the input it is unchanged, or None.
+    - `wanted`: what the `want` callback returned, inside the trace.
+    """
+
+    jaxpr: Any
+    treedef: Any
+    paths: tuple
+    statics: tuple
+    arrays: tuple
+    input_of: tuple
+    wanted: Any
+
+
+def is_output_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def per_device_avals(dyn: Sequence, in_axes: Sequence[int | None]) -> list:
+    """The abstract value of each input as one device sees it (mapped axis removed)."""
+    out = []
+    for x, axis in zip(dyn, in_axes):
+        shape = list(np.shape(x))
+        if axis is not None:
+            del shape[axis]
+        weak = bool(getattr(x, "weak_type", False))
+        out.append(
+            jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x), weak_type=weak)
+        )
+    return out
+
+
+@contextlib.contextmanager
+def _tracing(axis_name):
+    stack = getattr(_active, "stack", [])
+    _active.stack = stack + [axis_name]
+    try:
+        yield
+    finally:
+        _active.stack = stack
+
+
+def active_axis() -> str | None:
+    """The axis of the per-device function this thread is tracing, if any."""
+    stack = getattr(_active, "stack", [])
+    return stack[-1] if stack else None
+
+
+def trace(
+    fn: Callable[[list], Any],
+    avals: Sequence,
+    axis_name,
+    axis_size: int,
+    want: Callable[[Any, list], Any] | None = None,
+) -> Traced:
+    """Traces `fn` (which takes the list of per-device inputs) once, with the collectives
+    of `axis_name` bound to an axis of `axis_size`. `want(out, flat)` is called inside the
+    trace with the output and its flattened `(path, leaf)` pairs, where array leaves are
+    tracers (so that filters asking `eqx.is_array` see arrays)."""
+    found: dict = {}
+
+    def flat_fn(*xs):
+        out = fn(list(xs))
+        flat, treedef = jtu.tree_flatten_with_path(out)
+        is_array = [is_output_array(leaf) for _, leaf in flat]
+        found["treedef"] = treedef
+        found["paths"] = tuple(p for p, _ in flat)
+        found["statics"] = tuple(
+            None if a else leaf for (_, leaf), a in zip(flat, is_array)
+        )
+        found["arrays"] = tuple(i for i, a in enumerate(is_array) if a)
+        found["wanted"] = want(out, flat) if want is not None else None
+        return [jnp.asarray(leaf) for (_, leaf), a in zip(flat, is_array) if a]
+
+    with _tracing(axis_name):
+        closed = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])(*avals)
+    invars = {v: j for j, v in enumerate(closed.jaxpr.invars)}
+    input_of = tuple(
+        None if isinstance(v, Literal) else invars.get(v) for v in closed.jaxpr.outvars
+    )
+    return Traced(
+        closed,
+        found["treedef"],
+        found["paths"],
+        found["statics"],
+        found["arrays"],
+        input_of,
+        found["wanted"],
+    )
