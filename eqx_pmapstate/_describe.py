@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import jax
-import jax.tree_util as jtu
 import numpy as np
 
 from ._mesh import _UNKNOWN, read_axis
 from ._registry import lookup
 from ._state import State
-from ._tree import is_arraylike, iter_states, keystr
+from ._tree import iter_states, keystr
 
 
 def leaf_axis(x):
@@ -47,8 +46,7 @@ def states_by_axis(tree) -> dict:
     """
     out: dict = {}
     for ref in iter_states(tree):
-        leaves = [x for x in jtu.tree_leaves(ref.state) if is_arraylike(x)]
-        axes = [leaf_axis(x) for x in leaves]
+        axes = [leaf_axis(x) for _, x in ref.leaves]
         axes = [a for a in axes if a is not _UNKNOWN]
         if not axes:
             continue
@@ -83,14 +81,7 @@ def describe(tree) -> str:
     total = 0
     for ref in iter_states(tree):
         marker = type(ref.state).__name__ if isinstance(ref.state, State) else "-"
-        sub = (
-            jtu.tree_flatten_with_path(ref.state)[0]
-            if isinstance(ref.state, State)
-            else [((), ref.state)]
-        )
-        for p, leaf in sub:
-            if not is_arraylike(leaf):
-                continue
+        for path, leaf in ref.leaves:
             axis = leaf_axis(leaf) if isinstance(leaf, jax.Array) else _UNKNOWN
             local = _per_device_shape(leaf)
             dtype = (
@@ -103,7 +94,7 @@ def describe(tree) -> str:
             total += nbytes
             rows.append(
                 (
-                    keystr(ref.path + tuple(p)),
+                    keystr(path),
                     marker,
                     "-" if axis is _UNKNOWN else str(axis),
                     str(tuple(np.shape(leaf))),

@@ -189,13 +189,13 @@ def build(
         donate=donate,
     )
     if mesh is not None:
-        run = _program.sharded(closed, mesh=mesh, axis_name=axis_name, **common)
+        run = _program.sharded(closed.jaxpr, mesh=mesh, axis_name=axis_name, **common)
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
     else:
         run = _program.vmapped(
-            closed, axis_size=axis_size, axis_name=axis_name, **common
+            closed.jaxpr, axis_size=axis_size, axis_name=axis_name, **common
         )
         in_shardings = None
     return Compiled(traced, layout, run, consts, in_shardings), cacheable

@@ -31,9 +31,9 @@ def subjaxprs(params) -> list:
     return list(jex_core.jaxprs_in_params(params))
 
 
-def evaluate(closed, consts, *args) -> list:
-    """Evaluates the jaxpr of `closed` with `consts` in place of its own constants."""
-    return jaxpr_as_fun(ClosedJaxpr(closed.jaxpr, list(consts)))(*args)
+def evaluate(jaxpr, consts, *args) -> list:
+    """Evaluates a `Jaxpr` with `consts` for its constvars."""
+    return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(consts)))(*args)
 
 
 def register_with_jax_clear_caches(cache, what: str) -> bool:

@@ -10,7 +10,7 @@ import jax
 import jax.tree_util as jtu
 
 from ._describe import leaf_axis
-from ._mesh import _UNKNOWN, read_axis
+from ._mesh import _UNKNOWN, check_axis_size, read_axis
 from ._new_states import pmap2_new_states, vmap2_new_states
 from ._pmap2 import pmap2
 
@@ -20,17 +20,18 @@ def _apply(module, *args, **kwargs):
 
 
 @functools.lru_cache(maxsize=64)
-def _mapped_apply(axis_name: str, in_axes, out_axes, n_args: int):
+def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
     def module_axis(x):
         axis = read_axis(x, axis_name)
         return None if axis is _UNKNOWN else axis
 
     return pmap2(
-        _apply,
-        axis_name=axis_name,
-        in_axes=(module_axis,) + _per_argument(in_axes, n_args),
-        out_axes=out_axes,
+        _apply, axis_name=axis_name, in_axes=(module_axis,) + in_axes, out_axes=out_axes
     )
+
+
+def _hashable(axes):
+    return tuple(map(_hashable, axes)) if isinstance(axes, list) else axes
 
 
 def _per_argument(in_axes, n_args: int) -> tuple:
@@ -43,8 +44,8 @@ def _per_argument(in_axes, n_args: int) -> tuple:
                 "positional argument(s). Give one entry per argument, or a single axis "
                 "for all of them."
             )
-        return tuple(in_axes)
-    return (in_axes,) * n_args
+        return tuple(_hashable(a) for a in in_axes)
+    return (_hashable(in_axes),) * n_args
 
 
 @eqx.filter_jit
@@ -103,6 +104,7 @@ class Map(eqx.Module):
     module_axes: Any = eqx.field(static=True, default=None)  # per-leaf axes, for "vmap"
 
     def __check_init__(self):
+        check_axis_size(self.init_map_size, "init_map_size")
         if self.behavior not in ("vmap", "pmap"):
             raise ValueError(
                 f"`behavior` must be 'vmap' or 'pmap', but got {self.behavior!r}."
@@ -114,11 +116,14 @@ class Map(eqx.Module):
             return "devices"
         return self.axis_name
 
-    def init_all_states(self, **init_kwargs) -> Map:
+    def init_all_states(self, *, init_in_axes=None, **init_kwargs) -> Map:
         """Creates the module's states over the axis.
 
         **Arguments:**
 
+        - `init_in_axes`: which arguments are split over the axis, as for
+            [`eqx_pmapstate.pmap2_new_states`][] (for per-member keys:
+            `init_in_axes={"key": 0}` with `key=jax.random.split(key, n)`).
         - `**init_kwargs`: the arguments of the initialisation.
 
         **Returns:**
@@ -129,6 +134,7 @@ class Map(eqx.Module):
             state_tag=self.state_tag,
             axis_size=self.init_map_size,
             state_out_axes=self.init_state_axes,
+            init_in_axes=init_in_axes,
         )
         if self.behavior == "pmap":
             module = pmap2_new_states(
@@ -159,23 +165,19 @@ class Map(eqx.Module):
     def __call__(self, *args, **kwargs):
         """Calls the module on every device or member, mapping the arguments by `in_axes`."""
         if self.behavior == "pmap":
-            fn = _mapped_apply(self._name, self.in_axes, self.out_axes, len(args))
+            in_axes = _per_argument(self.in_axes, len(args))
+            fn = _mapped_apply(self._name, in_axes, _hashable(self.out_axes))
             return fn(self.module, *args, **kwargs)
         if self.module_axes is None:
             raise ValueError(
                 "Call `init_all_states` first: this `Map` has no states yet."
             )
-        in_axes = (
-            self.in_axes
-            if not isinstance(self.in_axes, int)
-            else (self.in_axes,) * len(args)
-        )
         return _vmapped_apply(
             self.module,
             self.module_axes,
             args,
             kwargs,
-            tuple(in_axes) if isinstance(in_axes, list) else in_axes,
+            _per_argument(self.in_axes, len(args)),
             self.out_axes,
             self._name,
             self.init_map_size,

@@ -23,12 +23,12 @@ from ._jax_compat import evaluate
 from ._mesh import axis_spec
 
 
-def _evaluate(closed, consts, local) -> list:
-    outs = evaluate(closed, consts, *local)
+def _evaluate(jaxpr, consts, local) -> list:
+    outs = evaluate(jaxpr, consts, *local)
     # A literal output comes back as a Python scalar: give it its traced dtype.
     return [
-        o if isinstance(o, jax.Array) else jnp.asarray(o, dtype=aval.dtype)
-        for o, aval in zip(outs, closed.out_avals)
+        o if isinstance(o, jax.Array) else jnp.asarray(o, dtype=v.aval.dtype)
+        for o, v in zip(outs, jaxpr.outvars)
     ]
 
 
@@ -41,7 +41,7 @@ def _squeeze(xs, in_axes):
 
 
 def sharded(
-    closed,
+    jaxpr,
     n_consts: int,
     in_axes: Sequence[int | None],
     outputs: Sequence[tuple[int, int | None]],
@@ -50,7 +50,7 @@ def sharded(
     axis_name: str,
     donate: Sequence[int] = (),
 ):
-    """`jit(shard_map(...))` of the jaxpr: takes `(*consts, *inputs)` as global arrays and
+    """`jit(shard_map(...))` of `jaxpr` (an open `Jaxpr`, whose constants are inputs): takes `(*consts, *inputs)` as global arrays and
     returns, for each `(k, axis)` of `outputs`, the jaxpr's output `k` laid out along
     `axis`; then, if `checked` (output numbers) is not empty, a bool per checked output:
     True where it differs between devices."""
@@ -59,7 +59,7 @@ def sharded(
 
     def body(*xs):
         consts, local = xs[:n_consts], _squeeze(xs[n_consts:], in_axes)
-        outs = _evaluate(closed, consts, local)
+        outs = _evaluate(jaxpr, consts, local)
         res = [_expand(outs[k], a) for k, a in outputs]
         if checked:
             res.append(differ_across([outs[k] for k in checked], axis_name))
@@ -79,7 +79,7 @@ def sharded(
 
 
 def vmapped(
-    closed,
+    jaxpr,
     n_consts: int,
     in_axes: Sequence[int | None],
     outputs: Sequence[tuple[int, int | None]],
@@ -96,7 +96,7 @@ def vmapped(
     run_axes = tuple(0 if i in checked else a for i, (_, a) in enumerate(outputs))
 
     def body(consts, local):
-        outs = _evaluate(closed, consts, local)
+        outs = _evaluate(jaxpr, consts, local)
         return [outs[k] for k in keep]
 
     mapped = jax.vmap(
