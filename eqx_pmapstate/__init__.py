@@ -1,6 +1,7 @@
 """eqx_pmapstate: create and train Equinox models whose states are laid out over devices."""
 
 from . import filters as filters
+from ._cache import clear_caches as clear_caches
 from ._describe import describe as describe, states_by_axis as states_by_axis
 from ._engine import ReplicationError as ReplicationError
 from ._map import Map as Map
