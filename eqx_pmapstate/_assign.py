@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from ._filters import Everything, Filter, to_predicate
-from ._state import NonBatchState
+from ._state import NonBatchState, State
 from ._tree import keystr
 
 
@@ -34,6 +34,11 @@ def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
     return tuple(out)
 
 
+def state_kind(state) -> str:
+    """How a state is named in messages: its marker type, or "array"."""
+    return type(state).__name__ if isinstance(state, State) else "array"
+
+
 def assign_axis(spec, ref, matched: list | None = None) -> int | None:
     """The axis (as written by the user, maybe negative) of one state (a
     `_tree.StateRef`). `matched`, if given, has one flag per filter of `spec`, set for
@@ -51,7 +56,7 @@ def assign_axis(spec, ref, matched: list | None = None) -> int | None:
     if len(axes) > 1:
         shown = ", ".join("None" if a is None else str(a) for a in axes)
         raise ValueError(
-            f"The state at {keystr(ref.path)} ({type(ref.state).__name__}) is matched by "
+            f"The state at {keystr(ref.path)} ({state_kind(ref.state)}) is matched by "
             f"the filters of several axes in `state_out_axes`: {shown}. Each state must "
             "go to one axis; make the filters exclusive (for example with `filters.Not`), "
             "or use `...` for a catch-all, which only counts for states no other filter "

@@ -8,10 +8,11 @@ when it may differ between devices: it depends on a mapped input, or on
 invariant values by deterministic operations, or when it is the result of a reducing
 collective over the axis (`psum`, `pmean`, `pmax`, `pmin`, `all_gather`, `pbroadcast`).
 
-The pass follows sub-jaxprs: calls (`jit`, `custom_jvp`/`custom_vjp`, `checkpoint`, and
-anything else with one sub-jaxpr of the same arity), `cond`, `while` and `scan` (to a fixed
-point). An operation it does not know, with sub-jaxprs, varies as soon as one of its
-inputs varies or one of its sub-jaxprs could make a value vary. So "invariant" is a proof;
+The pass follows sub-jaxprs: calls (`jit`, `custom_jvp`/`custom_vjp`, `checkpoint`),
+`cond`, `while` and `scan` (to a fixed point). Any other operation with sub-jaxprs (a
+`reduce` with its own computation, a nested `shard_map`, or a `scan` whose split into
+constants, carry and scanned inputs cannot be read) varies as soon as one of its inputs
+varies or one of its sub-jaxprs could make a value vary. So "invariant" is a proof;
 "varying" may be conservative (`x - x` varies when `x` does).
 """
 
@@ -39,6 +40,21 @@ _REDUCING = frozenset(
 _VALUE_PRESERVING = frozenset({"pvary", "pcast"})
 # Operations whose result may differ between devices whatever their inputs.
 _IMPURE = frozenset({"io_callback", "rng_uniform"})
+# Operations that call their one sub-jaxpr once on their operands.
+_CALLS = frozenset(
+    {
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+        "remat",
+        "remat2",
+        "checkpoint",
+        "custom_jvp_call",
+        "custom_vjp_call",
+        "custom_vjp_call_jaxpr",
+    }
+)
 
 
 def varying_outputs(
@@ -105,10 +121,10 @@ def _rule(eqn, ins: list[bool], axis: str) -> list[bool]:
     subs = subjaxprs(eqn.params)
     if not subs:
         return [any(ins)] * n_out
-    if len(subs) == 1:
+    if name in _CALLS and len(subs) == 1:
         jaxpr, _ = open_jaxpr(subs[0])
         if len(jaxpr.invars) == len(ins) and len(jaxpr.outvars) == n_out:
-            return list(_sub(subs[0], ins, axis))  # a call
+            return list(_sub(subs[0], ins, axis))
     # Unknown: varies if any input does, or if its body can make a value vary.
     return [any(ins) or any(_introduces_variation(s, axis) for s in subs)] * n_out
 
@@ -141,13 +157,55 @@ def _while(eqn, ins, axis):
 
 
 def _scan(eqn, ins, axis):
-    if "num_consts" not in eqn.params or "num_carry" not in eqn.params:
-        return None  # a newer layout of the parameters: the generic rule applies
-    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    counts = _scan_counts(eqn)
+    if counts is None:
+        return None  # the generic rule applies
+    nc, nk = counts
     consts, carry, xs = ins[:nc], list(ins[nc : nc + nk]), ins[nc + nk :]
     body = eqn.params["jaxpr"]
     carry = _fixed_point(lambda c: _sub(body, consts + c + xs, axis)[:nk], carry)
     return list(_sub(body, consts + carry + xs, axis))
+
+
+def _scan_counts(eqn) -> tuple[int, int] | None:
+    """How many of a `scan`'s operands are constants and how many the carry: from its
+    parameters (`num_consts`, `num_carry`) where it has them, else from the shapes, when
+    only one split fits (newer JAX describes the split in a private structure)."""
+    if "num_consts" in eqn.params and "num_carry" in eqn.params:
+        return eqn.params["num_consts"], eqn.params["num_carry"]
+    body, _ = open_jaxpr(eqn.params["jaxpr"])
+    length = eqn.params.get("length")
+    if length is None or len(body.invars) != len(eqn.invars):
+        return None
+    fits = [
+        (nc, nk)
+        for nk in range(len(body.outvars) + 1)
+        for nc in range(len(body.invars) - nk + 1)
+        if _scan_split_fits(eqn, body, nc, nk, length)
+    ]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _scan_split_fits(eqn, body, nc: int, nk: int, length: int) -> bool:
+    def shape(v):
+        return tuple(getattr(v.aval, "shape", ()))
+
+    ins, outs = eqn.invars, eqn.outvars
+    stacked_in = all(
+        shape(a) == (length,) + shape(b)
+        for a, b in zip(ins[nc + nk :], body.invars[nc + nk :])
+    )
+    stacked_out = all(
+        shape(a) == (length,) + shape(b) for a, b in zip(outs[nk:], body.outvars[nk:])
+    )
+    carried = all(
+        shape(a) == shape(b) == shape(c) == shape(d)
+        for a, b, c, d in zip(
+            ins[nc : nc + nk], body.invars[nc : nc + nk], body.outvars[:nk], outs[:nk]
+        )
+    )
+    unmapped = all(shape(a) == shape(b) for a, b in zip(ins[:nc], body.invars[:nc]))
+    return stacked_in and stacked_out and carried and unmapped
 
 
 def _fixed_point(step, flags: list[bool]) -> list[bool]:

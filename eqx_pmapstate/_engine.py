@@ -63,21 +63,29 @@ class Compiled:
 
     Call it with the list of dynamic inputs (global arrays); it returns the output tree
     and, when some outputs are checked at run time, the flags of the check (else None).
+
+    `plan` has one entry per flat output leaf, `(kind, value, axis)`: `("array", i,
+    axis)` for the program's output `i`, `("pass", j, axis)` for input `j` handed back,
+    `("empty", (shape, dtype, sharding), axis)` for a zero-size array made outside the
+    program (XLA gives such arrays broken shards under an explicit output sharding), and
+    `("static", obj, None)` for a non-array leaf.
     """
 
-    def __init__(self, traced: Traced, layout: Layout, run, consts, in_shardings):
+    def __init__(self, treedef, plan, run, consts, in_shardings, checked_paths):
         self.run = run  # the jitted program, over `(*consts, *dynamic inputs)`
         self.in_shardings = in_shardings  # per input, or None (no placement)
         self.consts = consts  # per jaxpr constant, a callable returning it
-        self.treedef = traced.treedef
-        outputs = [k for k, a in enumerate(layout.axes) if not isinstance(a, Pass)]
-        self.checked_paths = tuple(
-            traced.paths[traced.arrays[k]] for k in outputs if k in layout.checked
-        )
-        self.extra_out = bool(self.checked_paths)
-        self.axes = tuple(a for a in layout.axes if not isinstance(a, Pass))
-        self.plan = _plan(traced, layout, outputs)
-        self._only_arrays = all(kind == "array" for kind, _ in self.plan)
+        self.treedef = treedef
+        self.plan = plan
+        self.checked_paths = checked_paths
+        self.extra_out = bool(checked_paths)
+        self._only_arrays = all(kind == "array" for kind, _, _ in plan)
+        # For `assemble`: the statics in place, and where the outputs and inputs go.
+        self._template = [v if k == "static" else None for k, v, _ in plan]
+        self._at = {
+            kind: [(i, v) for i, (k, v, _) in enumerate(plan) if k == kind]
+            for kind in ("array", "pass", "empty")
+        }
 
     def const_values(self) -> list:
         return [c() for c in self.consts]
@@ -101,14 +109,13 @@ class Compiled:
     def assemble(self, dyn, outs):
         if self._only_arrays:
             return self.treedef.unflatten(outs)
-        leaves = []
-        for kind, value in self.plan:
-            if kind == "array":
-                leaves.append(outs[value])
-            elif kind == "pass":
-                leaves.append(dyn[value])
-            else:
-                leaves.append(value)
+        leaves = self._template.copy()
+        for i, k in self._at["array"]:
+            leaves[i] = outs[k]
+        for i, j in self._at["pass"]:
+            leaves[i] = dyn[j]
+        for i, (shape, dtype, sharding) in self._at["empty"]:
+            leaves[i] = jax.device_put(np.zeros(shape, dtype), sharding)
         return self.treedef.unflatten(leaves)
 
     def mismatched(self, flags) -> list[str]:
@@ -117,19 +124,39 @@ class Compiled:
         return [keystr(p) for p, b in zip(self.checked_paths, bad) if b]
 
 
-def _plan(traced: Traced, layout: Layout, outputs: list[int]) -> tuple:
-    position = {k: i for i, k in enumerate(outputs)}
+def _is_empty(aval) -> bool:
+    return aval.size == 0 and not jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
+
+
+def _global_shape(shape, axis, n: int) -> tuple:
+    return (
+        tuple(shape)
+        if axis is None
+        else tuple(shape[:axis]) + (n,) + tuple(shape[axis:])
+    )
+
+
+def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int) -> tuple:
+    """The output plan (see `Compiled`), and the program's outputs `(k, axis)`."""
     by_leaf = {flat_i: k for k, flat_i in enumerate(traced.arrays)}
-    plan = []
+    avals = traced.jaxpr.out_avals
+    plan, outputs = [], []
     for flat_i, static in enumerate(traced.statics):
         k = by_leaf.get(flat_i)
         if k is None:
-            plan.append(("static", static))
-        elif isinstance(layout.axes[k], Pass):
-            plan.append(("pass", layout.axes[k].index))
+            plan.append(("static", static, None))
+            continue
+        axis = layout.axes[k]
+        if isinstance(axis, Pass):
+            plan.append(("pass", axis.index, None))
+        elif _is_empty(avals[k]):
+            sharding = NamedSharding(mesh, axis_spec(axis_name, axis)) if mesh else None
+            shape = _global_shape(avals[k].shape, axis, n)
+            plan.append(("empty", (shape, avals[k].dtype, sharding), axis))
         else:
-            plan.append(("array", position[k]))
-    return tuple(plan)
+            plan.append(("array", len(outputs), axis))
+            outputs.append((k, axis))
+    return tuple(plan), outputs
 
 
 def _placed(x, sharding) -> bool:
@@ -180,12 +207,13 @@ def build(
     may be cached."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
-    outputs = [(k, a) for k, a in enumerate(layout.axes) if not isinstance(a, Pass)]
+    plan, outputs = _plan(traced, layout, mesh, axis_name, axis_size)
+    checked = [k for k, _ in outputs if k in layout.checked]
     common = dict(
         n_consts=len(closed.consts),
         in_axes=in_axes,
         outputs=outputs,
-        checked=[k for k, _ in outputs if k in layout.checked],
+        checked=checked,
         donate=donate,
     )
     if mesh is not None:
@@ -198,7 +226,9 @@ def build(
             closed.jaxpr, axis_size=axis_size, axis_name=axis_name, **common
         )
         in_shardings = None
-    return Compiled(traced, layout, run, consts, in_shardings), cacheable
+    checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)
+    compiled = Compiled(traced.treedef, plan, run, consts, in_shardings, checked_paths)
+    return compiled, cacheable
 
 
 def cached(cache, key, weak, make: Callable[[], tuple[Compiled, bool]]) -> Compiled:

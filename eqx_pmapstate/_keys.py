@@ -67,39 +67,6 @@ class WeakId:
         return f"WeakId({self._id:#x}, alive={self.alive})"
 
 
-class Guard:
-    """That a closure cell or a global name still holds the object seen when a key was
-    made. Checked by identity on every call of a `pmap2` function: far cheaper than the
-    key itself. An object that cannot be held weakly and is not an immutable scalar is
-    never trusted (the full key is made again)."""
-
-    __slots__ = ("container", "name", "ref")
-
-    def __init__(self, container, name, value):
-        self.container = container  # a globals dict, or a cell
-        self.name = name
-        if _is_plain(value):
-            self.ref = lambda value=value: value
-        else:
-            try:
-                self.ref = weakref.ref(value)
-            except TypeError:
-                self.ref = None
-
-    def holds(self) -> bool:
-        if self.ref is None:
-            return False
-        if self.name is None:
-            try:
-                now = self.container.cell_contents
-            except ValueError:
-                return False
-        else:
-            now = self.container.get(self.name, _MISSING)
-        seen = self.ref()
-        return seen is not None and now is seen
-
-
 _SCALARS = (int, float, complex, str, bytes, bool, type(None))
 
 
@@ -108,6 +75,38 @@ def _is_plain(value) -> bool:
     if isinstance(value, tuple):
         return all(isinstance(v, _SCALARS) for v in value)
     return isinstance(value, _SCALARS)
+
+
+class Guard:
+    """That a closure cell or a global name still holds the object seen when a key was
+    made. Checked by identity on every call of a `pmap2` function: far cheaper than the
+    key itself. The object is held weakly where it can be (the key then dies with it),
+    else strongly, as the key holds it."""
+
+    __slots__ = ("container", "name", "seen", "weak")
+
+    def __init__(self, container, name, value):
+        self.container = container  # a globals dict, or a cell
+        self.name = name
+        self.seen, self.weak = value, None
+        if not _is_plain(value):
+            try:
+                self.seen, self.weak = None, weakref.ref(value)
+            except TypeError:
+                pass
+
+    def holds(self) -> bool:
+        if self.name is None:
+            try:
+                now = self.container.cell_contents
+            except ValueError:
+                return False
+        else:
+            now = self.container.get(self.name, _MISSING)
+        if self.weak is None:
+            return now is self.seen
+        seen = self.weak()
+        return seen is not None and now is seen
 
 
 @functools.lru_cache(maxsize=4096)

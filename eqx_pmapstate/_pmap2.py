@@ -17,7 +17,7 @@ from ._assign import assign_axis, mapped_axis, normalize_out_axes
 from ._cache import programs
 from ._dataflow import varying_outputs
 from ._engine import replication_message, ReplicationError
-from ._keys import Guard, KeyedWalk
+from ._keys import Guard, KeyedWalk, WeakId
 from ._layout import DEFAULT, OutLeaf, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
 from ._trace import active_axis, is_output_array, per_device_avals, trace
@@ -69,23 +69,32 @@ def _where(path) -> str:
     return root + jtu.keystr(rest)
 
 
+_CONCRETE: set = set()  # the types of concrete `jax.Array`s seen (`ArrayImpl`)
+
+
 def _signature(leaves) -> tuple:
     """What a call's compiled program depends on, leaf by leaf: the abstract value
-    (shape, dtype, weak type) and layout of the arrays, and the values of the rest."""
-    try:  # the common case, every leaf a concrete jax.Array: one quick pass
-        return tuple([(x.aval, x.sharding) for x in leaves])
-    except AttributeError:
-        return tuple(map(_leaf_sig, leaves))
+    (shape, dtype, weak type) and layout of the arrays, and the rest by equality (as
+    `jax.jit` takes static arguments; the library's cache then compares them by value)."""
+    concrete = _CONCRETE
+    return tuple(
+        [(x.aval, x.sharding) if type(x) in concrete else _leaf_sig(x) for x in leaves]
+    )
 
 
 def _leaf_sig(x):
     if isinstance(x, jax.core.Tracer):  # `pmap2` called inside another transformation
         return jax.typeof(x)
     if isinstance(x, jax.Array):
+        _CONCRETE.add(type(x))
         return (x.aval, x.sharding)
     if isinstance(x, (np.ndarray, np.generic)):
         return (np.shape(x), x.dtype, None)
-    return KeyedWalk().value(x)
+    try:
+        hash(x)
+    except TypeError:
+        return WeakId(x)
+    return (type(x), x)
 
 
 # --------------------------------------------------------------------------- axes specs
@@ -519,7 +528,13 @@ class Pmap2:
 
     # -- once per signature
 
-    def _key(self, walk: KeyedWalk, sig) -> tuple:
+    def _key(self, walk: KeyedWalk, leaves, sig) -> tuple:
+        treedef, per_leaf = sig
+        # Static leaves by value (a function by its code and what it reads), so that an
+        # equal but new object (a lambda made anew) finds the program.
+        leaf_keys = tuple(
+            k if is_arraylike(x) else walk.value(x) for x, k in zip(leaves, per_leaf)
+        )
         settings = (
             self.axis_name,
             walk.spec(self.in_axes),
@@ -528,7 +543,7 @@ class Pmap2:
             self._check,
             walk.spec(self.devices),
         )
-        return ("pmap2", walk.value(self.fun), settings, sig)
+        return ("pmap2", walk.value(self.fun), settings, treedef, leaf_keys)
 
     def _entry(self, args, kwargs, leaves, sig) -> _Fast:
         if active_axis() is not None:
@@ -539,7 +554,7 @@ class Pmap2:
                 "function it wraps directly, and use collectives over the axis."
             )
         walk = KeyedWalk()
-        key = self._key(walk, sig)
+        key = self._key(walk, leaves, sig)
         entry = _engine.cached(
             programs, key, walk.weak, lambda: self._compile(args, kwargs, leaves, walk)
         )

@@ -24,8 +24,8 @@ def register(compiled, out, axis_name) -> None:
     """Remembers the axis of every array `compiled` made in `out` (one device, no
     sharding to read it from)."""
     leaves = jax.tree_util.tree_leaves(out)
-    for (kind, value), leaf in zip(compiled.plan, leaves, strict=True):
-        if kind != "array" or not isinstance(leaf, jax.Array):
+    for (kind, _, axis), leaf in zip(compiled.plan, leaves, strict=True):
+        if kind not in ("array", "empty") or not isinstance(leaf, jax.Array):
             continue
         if isinstance(leaf, jax.core.Tracer):
             continue
@@ -35,7 +35,7 @@ def register(compiled, out, axis_name) -> None:
         except TypeError:
             continue
         with _lock:
-            _axes[key] = (ref, compiled.axes[value], axis_name)
+            _axes[key] = (ref, axis, axis_name)
 
 
 def lookup(x):

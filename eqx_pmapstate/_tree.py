@@ -30,17 +30,30 @@ def is_arraylike(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _is_nested_nonbatch(outer):
-    return lambda x: isinstance(x, NonBatchState) and x is not outer
+def _children(node) -> list | None:
+    """One level of `node`'s pytree children, as `(key, child)`; None for a leaf."""
+    children, _ = jtu.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(children) == 1 and children[0][1] is node:
+        return None
+    return children
 
 
 def _marker_refs(marker, path, ancestors) -> Iterator[StateRef]:
-    inner = jtu.tree_flatten_with_path(marker, is_leaf=_is_nested_nonbatch(marker))[0]
-    own = tuple((path + tuple(p), x) for p, x in inner if is_arraylike(x))
-    yield StateRef(path, marker, ancestors, own)
-    for p, x in inner:
-        if isinstance(x, NonBatchState):
-            yield from _marker_refs(x, path + tuple(p), ancestors + (marker,))
+    own, nested = [], []
+
+    def collect(node, p, anc):
+        if isinstance(node, NonBatchState) and node is not marker:
+            nested.append((node, p, anc))  # a state of its own
+        elif is_arraylike(node):
+            own.append((p, node))
+        else:
+            for key, child in _children(node) or ():
+                collect(child, p + tuple(key), anc + (node,))
+
+    collect(marker, path, ancestors)
+    yield StateRef(path, marker, ancestors, tuple(own))
+    for node, p, anc in nested:
+        yield from _marker_refs(node, p, anc)
 
 
 def iter_states(tree) -> Iterator[StateRef]:
@@ -55,11 +68,8 @@ def iter_states(tree) -> Iterator[StateRef]:
         if is_arraylike(node):
             yield StateRef(path, node, ancestors, ((path, node),))
             return
-        children, _ = jtu.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-        if len(children) == 1 and children[0][1] is node:
-            return  # a non-array leaf
         inner = ancestors + (node,)
-        for key, child in children:
+        for key, child in _children(node) or ():  # none: a non-array leaf
             yield from walk(child, path + tuple(key), inner)
 
     if tree is None:

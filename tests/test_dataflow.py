@@ -242,6 +242,36 @@ def test_fori_loop_varying_carry_varies():
     assert flags(f, x3, varying=[True]) == (True,)
 
 
+def test_scan_carry_picks_up_variation_on_later_iterations():
+    # Iteration 1 moves xs[0] (varying) into the carry and outputs the old, invariant
+    # carry; from iteration 2 on, ys hold varying values: only the fixed point sees it.
+    f = lambda c, xs: lax.scan(lambda c, x: (x, c), c, xs)
+    assert flags(f, x3, jnp.ones((4, 3)), varying=[False, True]) == (True, True)
+
+
+def test_fori_loop_carry_picks_up_variation_from_another_carry():
+    # Carry 0 takes carry 1's varying value on the second iteration.
+    f = lambda x, xs: lax.fori_loop(0, 4, lambda i, c: (c[1], xs[i]), (x, x))
+    assert flags(f, x3, jnp.ones((4, 3)), varying=[False, True]) == (True, True)
+
+
+def test_scan_keeps_an_untouched_carry_invariant():
+    # Precision, not only soundness: a carry computed from invariant values only stays
+    # invariant beside a varying one (on every JAX version, whatever the parameters).
+    f = lambda c, xs: lax.scan(lambda c, x: ((c[0] + 1.0, c[1] + x), None), c, xs)[0]
+    assert flags(f, (x3, x3), jnp.ones((4, 3)), varying=[False, False, True]) == (
+        False,
+        True,
+    )
+
+
+def test_reduce_with_its_own_computation_is_not_a_call():
+    # `lax.reduce` has one sub-jaxpr of its own arity, but it is no call: its second
+    # argument runs over the operand's elements, which vary.
+    f = lambda a: lax.reduce(a, 0.0, lambda p, q: q, (0,))
+    assert flags(f, x3, varying=[True]) == (True,)
+
+
 # --------------------------------------------------------------------------- calls
 
 

@@ -297,6 +297,9 @@ def test_zero_size_states_keep_their_device_axis(leaks):
     doubled = ep.pmap2(lambda m: jax.tree.map(lambda v: v * 2, m))(made)
     assert_laid_out(doubled["z"].value, 0)
     assert_laid_out(doubled["y"].value, 0)
+    for x in (made["z"].value, doubled["z"].value, doubled["y"].value):
+        assert np.asarray(x).shape == x.shape  # the shards read back
+        assert {s.data.shape[0] for s in x.addressable_shards} == {1}
 
 
 # --------------------------------------------------------------------------- 9. restored model
@@ -576,12 +579,16 @@ def test_fresh_wrappers_reuse_the_compiled_program(leaks):
     assert len(traces) == 1
 
 
+def _doubled_by_a_closure(a):
+    return ep.pmap2_new_states(lambda: ep.State(a * 2)).value
+
+
 def test_a_builder_closing_over_arrays_keeps_none_alive(leaks):
     refs = []
     for i in range(4):
         a = jnp.full((3,), float(i))
         refs.append(weakref.ref(a))
-        out = ep.pmap2_new_states(lambda: ep.State(a * 2)).value
+        out = _doubled_by_a_closure(a)
         np.testing.assert_array_equal(np.asarray(out)[0], np.full(3, 2.0 * i))
         del a, out
     gc.collect()
