@@ -25,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import _program
+from ._jax_compat import hoist_consts
 from ._mesh import axis_spec
 from ._trace import Traced
 from ._tree import keystr, paths_str
@@ -208,6 +209,7 @@ def build(
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
     plan, outputs = _plan(traced, layout, mesh, axis_name, axis_size)
+    jaxpr = hoist_consts(closed)  # holds no constant: they are inputs
     checked = [k for k, _ in outputs if k in layout.checked]
     common = dict(
         n_consts=len(closed.consts),
@@ -217,13 +219,13 @@ def build(
         donate=donate,
     )
     if mesh is not None:
-        run = _program.sharded(closed.jaxpr, mesh=mesh, axis_name=axis_name, **common)
+        run = _program.sharded(jaxpr, mesh=mesh, axis_name=axis_name, **common)
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
     else:
         run = _program.vmapped(
-            closed.jaxpr, axis_size=axis_size, axis_name=axis_name, **common
+            jaxpr, axis_size=axis_size, axis_name=axis_name, **common
         )
         in_shardings = None
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)

@@ -31,9 +31,17 @@ def subjaxprs(params) -> list:
     return list(jex_core.jaxprs_in_params(params))
 
 
-def evaluate(jaxpr, consts, *args) -> list:
-    """Evaluates a `Jaxpr` with `consts` for its constvars."""
-    return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(consts)))(*args)
+def hoist_consts(closed):
+    """The `Jaxpr` of `closed` with its constants made its first inputs: it holds no
+    value (JAX 0.12's `Jaxpr` keeps the constants' values attached, which would keep the
+    user's closed-over arrays alive in a cached program)."""
+    jaxpr = closed.jaxpr
+    return jaxpr.replace(constvars=[], invars=[*jaxpr.constvars, *jaxpr.invars])
+
+
+def evaluate(jaxpr, *args) -> list:
+    """Evaluates a `Jaxpr` that has no constants on `args`."""
+    return jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*args)
 
 
 def register_with_jax_clear_caches(cache, what: str) -> bool:

@@ -24,7 +24,7 @@ from ._mesh import axis_spec
 
 
 def _evaluate(jaxpr, consts, local) -> list:
-    outs = evaluate(jaxpr, consts, *local)
+    outs = evaluate(jaxpr, *consts, *local)
     # A literal output comes back as a Python scalar: give it its traced dtype.
     return [
         o if isinstance(o, jax.Array) else jnp.asarray(o, dtype=v.aval.dtype)

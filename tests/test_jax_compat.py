@@ -330,3 +330,25 @@ def test_jaxpr_in_shard_map_matches_pmap(name):
     )
     expected = jax.pmap(f, AX, in_axes=(None, 0))(w, x)
     np.testing.assert_allclose(run(w, x), expected, rtol=1e-6)
+
+
+def test_hoisted_jaxpr_holds_no_constant_and_evaluates():
+    # JAX 0.12's `Jaxpr` keeps its constants' values attached; a cached program built on
+    # it would keep the user's closed-over arrays alive. `hoist_consts` makes them inputs.
+    import gc
+    import weakref
+
+    from eqx_pmapstate._jax_compat import evaluate, hoist_consts
+
+    a = jnp.full((3,), 2.0)
+    alive = weakref.ref(a)
+    closed = jax.make_jaxpr(lambda x: x * a + 1.0)(jnp.arange(3.0))
+    consts = list(closed.consts)
+    jaxpr = hoist_consts(closed)
+    assert len(jaxpr.constvars) == 0
+    assert len(jaxpr.invars) == len(consts) + 1
+    (out,) = evaluate(jaxpr, *consts, jnp.arange(3.0))
+    np.testing.assert_array_equal(np.asarray(out), np.array([1.0, 3.0, 5.0]))
+    a = closed = consts = None  # drop every reference of ours
+    gc.collect()
+    assert alive() is None
