@@ -655,8 +655,16 @@ def pmap2(
     removed), and collectives over `axis_name` work inside. The semantics are
     `jax.pmap`'s: a replicated input acts as an identical copy on each device, so the
     data-parallel idiom `jax.lax.pmean(jax.grad(loss)(model, x, y), axis_name)` gives the
-    mean gradient. Compiled once per input signature (tree structure, shapes, dtypes,
-    layouts and static values).
+    mean gradient. `fun` is traced once per input signature (tree structure, shapes,
+    dtypes, weak types, layouts and static values); the layouts of the outputs are
+    decided from that one trace, and the program is compiled from it. Compiled programs
+    are kept in the library's cache, so a new `pmap2(fun)` of the same function (or of
+    an equal one: the same code, closure and globals) reuses them; `jax.clear_caches()`
+    or [`eqx_pmapstate.clear_caches`][] drops them.
+
+    Inside `jax.jit`, `jax.grad` or `jax.vmap`, the inputs are tracers whose layout cannot
+    be read: give their axes with `in_axes` (None for a replicated parameter, 0 for data
+    split over the devices); an input without one is an error, never a guess.
 
     **Arguments:**
 
@@ -672,13 +680,16 @@ def pmap2(
         then on each element of a returned tuple; an argument counts unless it is a bare
         array not already laid out on the mesh, and a bare array only to an array of its
         per-device shape and dtype), the argument at the same position first; and (2) any
-        other leaf comes back replicated when the trace shows it the same on every device
-        (the result of `psum`, `pmean`, `all_gather`, a constant) or when only the
-        replicated inputs make it vary (then it is checked at run time, see below: a
-        gradient with respect to a replicated parameter, returned without `pmean`, fails
-        that check; return it with `out_axes=0`), and with a device axis at 0 otherwise.
+        other leaf comes back replicated when it is proved the same on every device
+        (computed from replicated inputs only, or the result of `psum`, `pmean`, `pmax`,
+        `pmin` or `all_gather` over the axis), and with a device axis at 0 otherwise (a
+        gradient with respect to a replicated parameter, without `pmean`, is one value
+        per device).
         Override in the same two forms as `in_axes`.
     - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
+        A donated input is gone after the call: passing it again, or passing the same
+        array twice among donated inputs (tied weights), is a `ValueError` before
+        anything is donated.
     - `check_replicated`: replication is proved, never assumed. Every output that
         comes back replicated (by the rules above or because `out_axes` says so) must be
         proved the same on every device when the function is traced: a value computed
@@ -695,7 +706,8 @@ def pmap2(
 
     **Returns:**
 
-    The mapped function.
+    The mapped function, a [`eqx_pmapstate.Pmap2`][]. `.lower(*args, **kwargs)` lowers
+    it ahead of time (`.as_text()`, `.compile()`), as `jax.jit(f).lower` does.
     """
     if fun is None:
         return functools.partial(
