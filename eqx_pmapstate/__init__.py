@@ -2,7 +2,11 @@
 
 from . import filters as filters
 from ._cache import clear_caches as clear_caches
-from ._describe import describe as describe, states_by_axis as states_by_axis
+from ._describe import (
+    axes_of as axes_of,
+    describe as describe,
+    states_by_axis as states_by_axis,
+)
 from ._engine import ReplicationError as ReplicationError
 from ._map import Map as Map
 from ._new_states import (

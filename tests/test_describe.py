@@ -218,3 +218,46 @@ def test_states_by_axis_of_a_plain_tree_is_empty():
     assert (
         ep.states_by_axis({"a": jnp.zeros(2), "m": ep.ParamState(jnp.zeros(2))}) == {}
     )
+
+
+def test_describe_names_equinox_state_entries_by_their_layer(leaks):
+    class Net(eqx.Module):
+        norm: eqx.nn.BatchNorm
+
+        def __init__(self):
+            self.norm = eqx.nn.BatchNorm(3, ("batch", "devices"), mode="ema")
+
+    net, state = ep.pmap2_new_states(
+        eqx.nn.make_with_state(Net), state_out_axes={0: eqx.nn.State, None: ...}
+    )
+    table = ep.describe((net, state))
+    assert "[1][Net.norm.ema_state_index][0]" in table
+    assert "flat index" not in table
+
+
+def test_axes_of_gives_member_axes_usable_by_filter_vmap(leaks):
+    ensemble = ep.vmap2_new_states(
+        lambda key: {
+            "w": jax.random.normal(key, (2,)),
+            "s": ep.NonBatchState(jnp.ones(2)),
+        },
+        {"key": jax.random.split(jax.random.key(0), 3)},
+        axis_size=3,
+        init_in_axes={"key": 0},
+    )
+    axes = ep.axes_of(ensemble)
+    assert axes == {"w": 0, "s": ep.NonBatchState(None)}
+    out = eqx.filter_vmap(lambda m: m["w"] * m["s"].value, in_axes=(axes,))(ensemble)
+    assert out.shape == (3, 2)
+
+
+def test_describe_after_a_step_with_the_axes_taken_before(leaks):
+    ensemble = ep.vmap2_new_states(
+        lambda: ep.State(jnp.ones(2)), axis_size=3, state_out_axes={1: ...}
+    )
+    axes = ep.axes_of(ensemble)
+    stepped = jax.tree.map(lambda x: x + 1, ensemble)  # new arrays: nothing remembered
+    assert ep.states_by_axis(stepped) == {}
+    assert list(ep.states_by_axis(stepped, axes=axes)) == [1]
+    row = ep.describe(stepped, axes=axes).splitlines()[2]
+    assert row.split()[2] == "1"
