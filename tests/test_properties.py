@@ -108,13 +108,10 @@ def _containers(children):
 
 
 # What a marker holds: arrays, maybe beside static leaves and nested markers (a nested
-# `NonBatchState` is a state of its own; any other nested marker belongs to the outer).
-# A nested marker sits in lists, tuples and dicts only: the library does not count a
-# module between a marker and a `NonBatchState` nested in it among the nested state's
-# ancestors, so `OfType(Block)` would warn that it matched nothing there.
-_plain = st.one_of(_arrays, _arrays, _statics)
+# `NonBatchState` is a state of its own, whose ancestors are every object between the
+# root and it, modules included; any other nested marker belongs to the outer).
 _parts = st.one_of(_arrays, _arrays, _markers(_arrays), _statics)
-_values = st.one_of(_arrays, _arrays, _sequences(_parts), _containers(_plain), _statics)
+_values = st.one_of(_arrays, _arrays, _sequences(_parts), _containers(_parts), _statics)
 _leaves = st.one_of(_arrays, _markers(_values), _arrays, _markers(_values), _statics)
 _trees = st.one_of(
     _leaves,
