@@ -191,6 +191,7 @@ def _argument_of(path) -> tuple:
 def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
     """An argument left to the default layout must be laid out on the mesh entirely or
     not at all; an `eqx.Module` not on the mesh beside inputs that are is refused."""
+    any_on = any(_on_mesh(x, axis_name) for _, x in flat)
     on, off = {}, {}
     for (path, x), g in zip(flat, given):
         if g is not DEFAULT or not is_arraylike(x) or isinstance(x, jax.core.Tracer):
@@ -206,7 +207,7 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
                 "be read. Lay it all out with `eqx_pmapstate.relayout(tree, like)` or "
                 "`jax.device_put`, or give its axes with `in_axes`."
             )
-        if isinstance(value, eqx.Module) and on:
+        if isinstance(value, eqx.Module) and any_on:
             raise ValueError(
                 f"The argument {name} is an `eqx.Module` none of whose arrays is laid out "
                 f"on the mesh (for example {_where(path)}), while other inputs are. A "

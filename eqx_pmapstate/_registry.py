@@ -27,15 +27,20 @@ def register(compiled, out, axis_name) -> None:
     for (kind, _, axis), leaf in zip(compiled.plan, leaves, strict=True):
         if kind not in ("array", "empty") or not isinstance(leaf, jax.Array):
             continue
-        if isinstance(leaf, jax.core.Tracer):
-            continue
-        key = id(leaf)
-        try:
-            ref = weakref.ref(leaf, lambda _, key=key: _forget(key))
-        except TypeError:
-            continue
-        with _lock:
-            _axes[key] = (ref, axis, axis_name)
+        remember(leaf, axis, axis_name)
+
+
+def remember(x, axis, axis_name=None) -> None:
+    """Remembers the axis of one array (made on one device, like an ensemble's)."""
+    if isinstance(x, jax.core.Tracer):
+        return
+    key = id(x)
+    try:
+        ref = weakref.ref(x, lambda _, key=key: _forget(key))
+    except TypeError:
+        return
+    with _lock:
+        _axes[key] = (ref, axis, axis_name)
 
 
 def lookup(x):
