@@ -361,6 +361,15 @@ def _raise_if_differ(compiled, flags) -> None:
         )
 
 
+def _refuse_nesting(what: str) -> None:
+    if active_axis() is not None:
+        raise ValueError(
+            f"`{what}` was called inside a function that `eqx_pmapstate` is mapping (a "
+            "`pmap2` step, a `Map` call or another initialisation). Create states outside "
+            "it, and pass them in."
+        )
+
+
 def _new_states(
     module,
     init_kwargs,
@@ -373,12 +382,7 @@ def _new_states(
     axis_name,
     what: str,
 ):
-    if active_axis() is not None:
-        raise ValueError(
-            f"`{what}` was called inside a function that `eqx_pmapstate` is mapping (a "
-            "`pmap2` step, a `Map` call or another initialisation). Create states outside "
-            "it, and pass them in."
-        )
+    _refuse_nesting(what)
     init_form = _is_init_form(module, what)
     kwargs, in_axes_of = _checked_kwargs(init_kwargs, init_in_axes, state_tag)
     spec = normalize_out_axes(state_out_axes)
@@ -386,26 +390,9 @@ def _new_states(
     inputs = _collect_inputs(
         module, init_form, kwargs, in_axes_of, n, mesh, axis_name, walk
     )
-    signature = tuple(
-        (
-            jax.numpy.shape(x),
-            jax.numpy.result_type(x),
-            bool(getattr(x, "weak_type", False)),
-        )
-        for x in inputs.dyn
-    )
-    key = (
-        what,
-        init_form,
-        inputs.key,
-        spec,
-        state_tag,
-        mesh,
-        axis_name,
-        n,
-        tuple(inputs.in_axes),
-        signature,
-    )
+    avals = per_device_avals(inputs.dyn, inputs.in_axes)
+    key = (what, init_form, inputs.key, spec, state_tag, mesh, axis_name, n)
+    key += (tuple(inputs.in_axes), tuple(avals))
     user = {id(w.get()) for w in walk.weak if w.alive}
     fn = _per_device_fn(inputs, init_form, module, state_tag)
     compiled, matched = _engine.cached(
