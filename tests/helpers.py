@@ -46,6 +46,15 @@ def _none(x):
     return x is None
 
 
+class Counter(eqx.Module):
+    """The smallest `init_state` module: one per-device counter, made at 0."""
+
+    count: ep.ShortTermState | None = None
+
+    def init_state(self):
+        return Counter(ep.ShortTermState(jnp.array(0)))
+
+
 class ParallelModel(eqx.Module):
     """The reference page's second example, with a `__call__` for `Map`."""
 

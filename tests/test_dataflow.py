@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import N
 from jax import lax
 
 from eqx_pmapstate._dataflow import varying_outputs
 
 
-N = 8
 AX = "devices"
 
 

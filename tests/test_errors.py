@@ -8,16 +8,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from helpers import Counter
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import PathContains
-
-
-class Counter(eqx.Module):
-    count: ep.ShortTermState | None = None
-
-    def init_state(self):
-        return Counter(ep.ShortTermState(jnp.array(0)))
 
 
 def _snapshot(tree):

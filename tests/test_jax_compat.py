@@ -6,6 +6,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import N
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -14,7 +15,6 @@ from eqx_pmapstate import _cache, _jax_compat
 from eqx_pmapstate._dataflow import varying_outputs
 
 
-N = 8
 AX = "devices"
 
 

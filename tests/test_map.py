@@ -5,14 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import _none, ParallelModel
+from helpers import _none, N, ParallelModel
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType
-
-
-N = 8
 
 
 class MemberModel(eqx.Module):

@@ -6,24 +6,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import _idx, assert_laid_out, BNNet
+from helpers import _idx, assert_laid_out, BNNet, Counter, N
 from jax.sharding import Mesh, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType, WithTag
 
 
-N = 8
-
-
 # --------------------------------------------------------------------------- the init_state form
-
-
-class Counter(eqx.Module):
-    count: ep.ShortTermState | None = None
-
-    def init_state(self):
-        return Counter(ep.ShortTermState(jnp.array(0)))
 
 
 def test_init_state_module(leaks):

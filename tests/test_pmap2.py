@@ -7,14 +7,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import _idx, assert_laid_out
+from helpers import _idx, assert_laid_out, N
 from jax.sharding import Mesh, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType, WithTag
-
-
-N = 8
 
 
 def _shards(x):

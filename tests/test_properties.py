@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import assert_laid_out
+from helpers import assert_laid_out, N
 from hypothesis import assume, event, given, HealthCheck, settings, strategies as st
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import Everything, OfType, PathContains, WithTag
 
 
-N = 8
 SETTINGS = dict(
     deadline=None,
     derandomize=True,

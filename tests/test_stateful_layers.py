@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import _spec
+from helpers import _spec, N
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType
 
 
-N = 8
 B = 5  # samples per device
 MOMENTUM = 0.9
 
