@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import PathContains
@@ -84,6 +85,7 @@ def test_describe_one_row_per_array_with_cells(leaks):
     assert h["axis"] == "1"
     assert h["global shape"] == "(3, 8, 2)"
     assert h["per-device shape"] == "(3, 1, 2)"
+    assert h["dtype"] == "float32"
     assert h["bytes/device"] == "24"
 
     c = rows[".config.value"]
@@ -91,6 +93,7 @@ def test_describe_one_row_per_array_with_cells(leaks):
     assert c["axis"] == "None"
     assert c["global shape"] == "(3,)"
     assert c["per-device shape"] == "(3,)"
+    assert c["dtype"] == "float32"
     assert c["bytes/device"] == "12"
 
     k = rows[".extra['count']"]
@@ -107,7 +110,10 @@ def test_describe_one_row_per_array_with_cells(leaks):
     assert p0["marker"] == p1["marker"] == "LongTermState"
     assert p0["global shape"] == "(2, 8)" and p0["axis"] == "1"
     assert p1["global shape"] == "(5, 8)" and p1["axis"] == "1"
+    assert p0["per-device shape"] == "(2, 1)"
     assert p1["per-device shape"] == "(5, 1)"
+    assert p0["dtype"] == p1["dtype"] == "float32"
+    assert p0["bytes/device"] == "8"
     assert p1["bytes/device"] == "20"
 
     total = 16 + 24 + 12 + 4 + 8 + 20
@@ -122,13 +128,20 @@ def test_describe_large_bytes_and_other_dtypes(leaks):
         }
 
     out = ep.pmap2_new_states(make, state_out_axes={1: ep.ParamState})
-    rows = _rows(ep.describe(out))
+    table = ep.describe(out)
+    rows = _rows(table)
     big = rows["['big'].value"]
+    assert big["axis"] == "1"
     assert big["global shape"] == "(256, 8, 64)"
     assert big["per-device shape"] == "(256, 1, 64)"
+    assert big["dtype"] == "float32"
     assert big["bytes/device"] == "65,536"
-    assert rows["['b']"]["dtype"] == "bool"
-    assert rows["['b']"]["bytes/device"] == "3"
+    b = rows["['b']"]
+    assert b["axis"] == "0"
+    assert b["global shape"] == "(8, 3)" and b["per-device shape"] == "(1, 3)"
+    assert b["dtype"] == "bool"
+    assert b["bytes/device"] == "3"
+    assert table.splitlines()[-1] == "2 array(s), 65,539 bytes per device"
 
 
 def test_describe_vmap_result(leaks):
@@ -141,11 +154,16 @@ def test_describe_vmap_result(leaks):
     out = ep.vmap2_new_states(make, axis_size=5, state_out_axes={-1: ...})
     rows = _rows(ep.describe(out))
     s = rows["['s'].value"]
+    assert s["marker"] == "ShortTermState"
     assert s["axis"] == "1"
     assert s["global shape"] == "(3, 5)"
     assert s["per-device shape"] == "(3, 5)"  # one device holds every member
     assert s["bytes/device"] == "60"
-    assert rows["['r'].value"]["axis"] == "None"
+    r = rows["['r'].value"]
+    assert r["marker"] == "NonBatchState"
+    assert r["axis"] == "None"
+    assert r["global shape"] == r["per-device shape"] == "(2,)"
+    assert r["bytes/device"] == "8"
 
 
 def test_describe_plain_tree_has_no_axis():
@@ -156,10 +174,15 @@ def test_describe_plain_tree_has_no_axis():
     }
     rows = _rows(ep.describe(tree))
     assert set(rows) == {"['a']", "['m'].value"}
+    assert rows["['a']"]["marker"] == "-"
     assert rows["['a']"]["axis"] == "-"
     assert rows["['a']"]["per-device shape"] == "(2, 3)"
     assert rows["['a']"]["bytes/device"] == "24"
-    assert rows["['m'].value"]["marker"] == "ParamState"
+    m = rows["['m'].value"]
+    assert m["marker"] == "ParamState"
+    assert m["axis"] == "-"
+    assert m["global shape"] == m["per-device shape"] == "(4,)"
+    assert m["dtype"] == "int32" and m["bytes/device"] == "16"
 
 
 def test_describe_preexisting_leaf_is_not_on_an_axis(leaks):
@@ -172,10 +195,15 @@ def test_describe_preexisting_leaf_is_not_on_an_axis(leaks):
 
     out = ep.pmap2_new_states(Held(jnp.ones(3)))
     rows = _rows(ep.describe(out))
+    assert set(rows) == {".w", ".s.value"}
     assert rows[".s.value"]["axis"] == "0"
+    assert rows[".s.value"]["global shape"] == "(8, 2)"
+    assert rows[".w"]["marker"] == "-"
     assert rows[".w"]["axis"] == "-"
-    assert rows[".w"]["global shape"] == "(3,)"
-    assert list(ep.states_by_axis(out)) == [0]
+    assert rows[".w"]["global shape"] == rows[".w"]["per-device shape"] == "(3,)"
+    layout = ep.states_by_axis(out)
+    assert list(layout) == [0]
+    assert [p for p, _ in layout[0]] == [(A("s"),)] and layout[0][0][1] is out.s
 
 
 def test_states_by_axis_matches_the_layout(leaks):
@@ -212,6 +240,10 @@ def test_states_by_axis_vmap(leaks):
         2: [(D("c"),)],
     }
     assert out["c"].shape == (2, 2, 3)
+    # the very states of the tree
+    assert layout[0][0][1] is out["a"]
+    assert layout[None][0][1] is out["b"]
+    assert layout[2][0][1] is out["c"]
 
 
 def test_states_by_axis_of_a_plain_tree_is_empty():
@@ -231,7 +263,13 @@ def test_describe_names_equinox_state_entries_by_their_layer(leaks):
         eqx.nn.make_with_state(Net), state_out_axes={0: eqx.nn.State, None: ...}
     )
     table = ep.describe((net, state))
-    assert "[1][Net.norm.ema_state_index][0]" in table
+    assert set(_rows(table)) == {
+        "[0].norm.weight",
+        "[0].norm.bias",
+        "[1][Net.norm.ema_first_time_index]",
+        "[1][Net.norm.ema_state_index][0]",
+        "[1][Net.norm.ema_state_index][1]",
+    }
     assert "flat index" not in table
 
 
@@ -249,6 +287,7 @@ def test_axes_of_gives_member_axes_usable_by_filter_vmap(leaks):
     assert axes == {"w": 0, "s": ep.NonBatchState(None)}
     out = eqx.filter_vmap(lambda m: m["w"] * m["s"].value, in_axes=(axes,))(ensemble)
     assert out.shape == (3, 2)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ensemble["w"]))
 
 
 def test_describe_after_a_step_with_the_axes_taken_before(leaks):
@@ -259,5 +298,7 @@ def test_describe_after_a_step_with_the_axes_taken_before(leaks):
     stepped = jax.tree.map(lambda x: x + 1, ensemble)  # new arrays: nothing remembered
     assert ep.states_by_axis(stepped) == {}
     assert list(ep.states_by_axis(stepped, axes=axes)) == [1]
-    row = ep.describe(stepped, axes=axes).splitlines()[2]
-    assert row.split()[2] == "1"
+    rows = _rows(ep.describe(stepped, axes=axes))
+    assert rows[".value"]["marker"] == "State"
+    assert rows[".value"]["axis"] == "1"
+    assert rows[".value"]["global shape"] == "(2, 3)"

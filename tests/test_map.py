@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import _none, N, ParallelModel
+from helpers import _none, assert_laid_out, N, ParallelModel
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
@@ -51,10 +51,13 @@ def test_reference_example_pmap(leaks):
     assert w.shape == (N, 128)
     assert new.module.bias.value.shape == (N, 128)
     assert isinstance(w.sharding, NamedSharding) and w.sharding.spec == P("devices")
+    assert_laid_out(w, 0)
+    assert_laid_out(new.module.bias.value, 0)
     expected_w = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (128,)))
     np.testing.assert_allclose(
         np.asarray(w), np.broadcast_to(expected_w, (N, 128)), rtol=1e-6
     )
+    np.testing.assert_array_equal(np.asarray(new.module.bias.value), np.zeros((N, 128)))
 
     inputs = np.asarray(jax.random.normal(jax.random.key(1), (N * 4, 128)))
     batch_per_device = inputs.shape[0] // N
@@ -62,6 +65,7 @@ def test_reference_example_pmap(leaks):
     outputs = new(sharded_inputs)
     assert outputs.shape == (N, batch_per_device, 128)
     assert outputs.sharding.spec == P("devices")
+    assert_laid_out(outputs, 0)
     w, b, outputs = (
         np.asarray(w),
         np.asarray(new.module.bias.value),
@@ -78,6 +82,9 @@ def test_pmap_members_see_their_own_states(leaks):
         MemberModel("devices"), init_map_size=N, behavior="pmap", axis_name="devices"
     )
     mapper = mapper.init_all_states(layer_size=16, key=key)
+    assert mapper.module.weight.value.shape == (N, 16)
+    assert_laid_out(mapper.module.weight.value, 0)
+    assert_laid_out(mapper.module.bias.value, 0)
     w = np.asarray(mapper.module.weight.value)
     for i in range(N):
         np.testing.assert_allclose(w[i], _member_weight(key, i, 16), rtol=1e-6)
@@ -88,6 +95,7 @@ def test_pmap_members_see_their_own_states(leaks):
     x = np.asarray(jax.random.normal(jax.random.key(2), (N, 3, 16)))
     out = mapper(x)
     assert out.shape == (N, 3, 16)
+    assert_laid_out(out, 0)
     np.testing.assert_allclose(
         np.asarray(out),
         np.tanh(x * w[:, None, :]) + np.arange(N)[:, None, None],
@@ -101,7 +109,10 @@ def test_pmap_members_see_their_own_states(leaks):
     # a second call with new inputs of the same shape
     out2 = np.asarray(mapper(2 * x))
     np.testing.assert_allclose(
-        out2[3], np.tanh(2 * x[3] * w[3]) + 3, rtol=1e-5, atol=1e-6
+        out2,
+        np.tanh(2 * x * w[:, None, :]) + np.arange(N)[:, None, None],
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -114,6 +125,8 @@ def test_pmap_broadcast_inputs(leaks):
     x = np.ones((2, 4), np.float32)  # the same input for every member
     out = mapper(x)
     assert out.shape == (N, 2, 4)
+    assert_laid_out(out, 0)
+    np.testing.assert_array_equal(x, np.ones((2, 4)))  # the input is not changed
     w = np.asarray(mapper.module.weight.value)
     out = np.asarray(out)
     for i in range(N):
@@ -127,12 +140,17 @@ def test_vmap_ensemble(size, leaks):
         MemberModel("ens"), init_map_size=size, behavior="vmap", axis_name="ens"
     )
     new = mapper.init_all_states(layer_size=16, key=key)
-    assert new is not mapper and mapper.module.weight is None
+    assert new is not mapper
+    assert mapper.module.weight is None and mapper.module.bias is None
     w = np.asarray(new.module.weight.value)
     assert w.shape == (size, 16)
     assert new.module.bias.value.shape == (size, 16)
+    assert len(new.module.weight.value.devices()) == 1  # an ensemble on one device
     for i in range(size):
         np.testing.assert_allclose(w[i], _member_weight(key, i, 16), rtol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(new.module.bias.value), np.repeat(np.arange(size)[:, None], 16, 1)
+    )
 
     x = np.asarray(jax.random.normal(jax.random.key(3), (size, 5, 16)))
     out = new(x)
@@ -159,6 +177,12 @@ def test_init_state_axes(behavior, leaks):
     mapper = mapper.init_all_states(layer_size=6, key=key)
     w = mapper.module.weight.value
     assert w.shape == (6, N)
+    b = mapper.module.bias.value
+    assert b.shape == (6, N)
+    if behavior == "pmap":
+        assert_laid_out(w, 1)
+        assert_laid_out(b, 1)
+    np.testing.assert_array_equal(np.asarray(b), np.repeat(np.arange(N)[None], 6, 0))
     x = np.asarray(jax.random.normal(jax.random.key(9), (N, 2, 6)))
     out = mapper(x)
     assert out.shape == (N, 2, 6)
@@ -178,5 +202,7 @@ def test_state_tag(leaks):
 
 
 def test_bad_behavior():
-    with pytest.raises(ValueError, match="behavior"):
+    with pytest.raises(
+        ValueError, match=r"`behavior` must be 'vmap' or 'pmap', but got 'jit'"
+    ):
         ep.Map(ParallelModel(), init_map_size=N, behavior="jit")

@@ -58,6 +58,7 @@ def test_submodule_init_state_and_kwargs_by_signature(leaks):
         h, np.repeat(np.arange(N, dtype=np.float32)[:, None], 3, 1)
     )
     np.testing.assert_array_equal(np.asarray(out.extra.value), 2.0 * h)
+    assert_laid_out(out.inner.h.value, 0)
     assert_laid_out(out.extra.value, 0)
 
 
@@ -67,6 +68,10 @@ def test_only_a_submodule_defines_init_state(leaks):
     assert out.label == "w"
     assert out.inner.h.value.shape == (N, 2)
     assert_laid_out(out.inner.h.value, 0)
+    np.testing.assert_array_equal(
+        np.asarray(out.inner.h.value),
+        np.repeat(np.arange(N, dtype=np.float32)[:, None], 2, 1),
+    )
 
 
 class Held(eqx.Module):
@@ -90,13 +95,15 @@ def test_preexisting_leaves_come_back_unchanged_and_undistributed(leaks):
     out = ep.pmap2_new_states(m)
     # the new state is distributed, and built from the held leaf
     assert out.s.value.shape == (N, 3)
+    assert_laid_out(out.s.value, 0)
     np.testing.assert_array_equal(
         np.asarray(out.s.value), np.tile(2.0 * np.arange(3.0), (N, 1))
     )
     # the held leaves: the very same objects, not copies laid out over the mesh
     assert out.w is w
     assert out.p.value is pv
-    assert m.w is w and m.s is None
+    assert m.w is w and m.p.value is pv and m.s is None
+    np.testing.assert_array_equal(np.asarray(w), np.arange(3.0))
 
 
 def test_state_tag_does_not_retag_preexisting_markers(leaks):
@@ -123,6 +130,7 @@ def test_held_distributed_leaves_are_seen_per_device(leaks):
     out = ep.pmap2_new_states(Stage2(h))
     assert out.h.value is h.value
     assert out.d.value.shape == (N, 2)
+    assert_laid_out(out.d.value, 0)
     np.testing.assert_array_equal(np.asarray(out.d.value), 2.0 * np.asarray(h.value))
 
 
@@ -136,6 +144,7 @@ def test_state_tag_on_a_new_marker_around_a_held_array(leaks):
 
     out = ep.pmap2_new_states(Wraps(jnp.ones(2)), state_tag="new")
     assert out.s.value.shape == (N, 2)  # a new state: distributed ...
+    assert_laid_out(out.s.value, 0)
     assert out.s.tag == "new"  # ... and a new marker, so tagged
 
 
@@ -160,6 +169,7 @@ def test_module_class_as_callable(leaks):
     np.testing.assert_array_equal(np.asarray(out.p.value), expected)
     assert_laid_out(out.p.value, 0)
     assert_laid_out(out.b, 0)
+    np.testing.assert_array_equal(np.asarray(out.b), np.zeros((N, 3)))
 
 
 def test_factory_function(leaks):
@@ -174,6 +184,7 @@ def test_factory_function(leaks):
     assert out["n"].value.shape == (4,)
     assert_laid_out(out["a"].value, 0)
     assert_laid_out(out["n"].value, None)
+    np.testing.assert_array_equal(np.asarray(out["a"].value), np.zeros((N, 4)))
     np.testing.assert_array_equal(np.asarray(out["n"].value), np.arange(4))
 
 
@@ -182,13 +193,15 @@ def test_make_with_state(leaks):
     net, state = ep.pmap2_new_states(eqx.nn.make_with_state(BNNet), {"key": key})
     ref_net, ref_state = eqx.nn.make_with_state(BNNet)(key)
     assert net.linear.weight.shape == (N, 2, 3)
-    for i in range(N):  # a broadcast key: every device builds the same model
-        np.testing.assert_allclose(
-            np.asarray(net.linear.weight[i]), np.asarray(ref_net.linear.weight)
-        )
-    for x, r in zip(jtu.tree_leaves(state), jtu.tree_leaves(ref_state)):
+    # a broadcast key: every device builds the same model, and the same state
+    leaves = jtu.tree_leaves(eqx.filter((net, state), eqx.is_array))
+    ref_leaves = jtu.tree_leaves(eqx.filter((ref_net, ref_state), eqx.is_array))
+    assert len(leaves) == len(ref_leaves) > 2
+    for x, r in zip(leaves, ref_leaves):
         assert x.shape == (N,) + r.shape
         assert_laid_out(x, 0)
+        for i in range(N):
+            np.testing.assert_allclose(np.asarray(x[i]), np.asarray(r))
     # the result is usable as an eqx.nn.State: the index still finds its entry
     mean, var = state.get(net.bn.ema_state_index)
     assert mean.shape == (N, 2)
@@ -238,6 +251,7 @@ def test_per_device_keys_give_different_values(leaks):
         return ep.ShortTermState(jax.random.normal(key, (4,)))
 
     out = ep.pmap2_new_states(make, {"key": keys}, init_in_axes={"key": 0})
+    assert_laid_out(out.value, 0)
     x = np.asarray(out.value)
     assert x.shape == (N, 4)
     for i in range(N):
@@ -254,6 +268,7 @@ def test_broadcast_key_gives_identical_values(leaks):
         return ep.ShortTermState(jax.random.normal(key, (4,)))
 
     out = ep.pmap2_new_states(make, {"key": key})
+    assert_laid_out(out.value, 0)
     x = np.asarray(out.value)
     assert x.shape == (N, 4)
     for i in range(N):
@@ -269,10 +284,13 @@ def test_raw_uint32_keys_per_device(leaks):
         return ep.ShortTermState(jax.random.uniform(key, (2,)))
 
     out = ep.pmap2_new_states(make, {"key": keys}, init_in_axes={"key": 0})
+    assert_laid_out(out.value, 0)
     x = np.asarray(out.value)
-    np.testing.assert_allclose(
-        x[5], np.asarray(jax.random.uniform(keys[5], (2,))), rtol=1e-6
-    )
+    assert x.shape == (N, 2)
+    for i in range(N):
+        np.testing.assert_allclose(
+            x[i], np.asarray(jax.random.uniform(keys[i], (2,))), rtol=1e-6
+        )
     assert not np.allclose(x[0], x[1])
 
 
@@ -289,9 +307,11 @@ def test_init_in_axes_nonzero_axis_and_pytree_prefix(leaks):
         init_in_axes={"args": {"a": 1, "b": None}},
     )
     assert out["a"].value.shape == (N, 3)
+    assert_laid_out(out["a"].value, 0)
     np.testing.assert_array_equal(np.asarray(out["a"].value), 2.0 * np.asarray(cols).T)
     assert out["b"].value.shape == (2,)
     assert_laid_out(out["b"].value, None)
+    np.testing.assert_array_equal(np.asarray(out["b"].value), np.arange(2.0))
 
 
 @pytest.mark.parametrize(
@@ -348,12 +368,15 @@ def test_nonbatchstate_is_replicated_even_if_a_filter_names_axis_0(leaks):
     assert out["nb"].value.shape == (3,)
     assert_laid_out(out["nb"].value, None)
     assert out["p"].value.shape == (2, N)
+    assert_laid_out(out["p"].value, 1)
 
     out = ep.pmap2_new_states(
         _mixed, state_out_axes={1: ...}
     )  # catch-all does not catch it either
     assert out["nb"].value.shape == (3,)
+    assert_laid_out(out["nb"].value, None)
     assert out["s"].value.shape == (2, N)
+    assert_laid_out(out["s"].value, 1)
 
 
 def test_default_no_filter_means_axis_0(leaks):
@@ -362,7 +385,9 @@ def test_default_no_filter_means_axis_0(leaks):
         assert out[k].value.shape == (N, 2)
         assert_laid_out(out[k].value, 0)
     assert out["bare"].shape == (N, 2)
+    assert_laid_out(out["bare"], 0)
     assert out["nb"].value.shape == (3,)
+    assert_laid_out(out["nb"].value, None)
 
 
 def test_unmatched_states_go_to_axis_0(leaks):
@@ -372,9 +397,13 @@ def test_unmatched_states_go_to_axis_0(leaks):
             _mixed, state_out_axes={1: "t", -1: WithTag("absent")}
         )
     assert out["t"].value.shape == (2, N)
+    assert_laid_out(out["t"].value, 1)
     for k in ("p", "s"):
         assert out[k].value.shape == (N, 2)
+        assert_laid_out(out[k].value, 0)
     assert out["bare"].shape == (N, 2)
+    assert_laid_out(out["bare"], 0)
+    assert out["nb"].value.shape == (3,)
 
 
 def test_catch_all_counts_only_when_nothing_else_matched(leaks):
@@ -382,29 +411,39 @@ def test_catch_all_counts_only_when_nothing_else_matched(leaks):
         _mixed, state_out_axes={None: ..., 1: ep.ParamState, -1: "t"}
     )
     assert out["p"].value.shape == (2, N)  # ParamState wins over the catch-all
+    assert_laid_out(out["p"].value, 1)
     assert out["t"].value.shape == (2, N)
     assert_laid_out(out["t"].value, 1)
     assert out["s"].value.shape == (2,)  # caught by `...`: replicated
     assert out["bare"].shape == (2,)
     assert_laid_out(out["s"].value, None)
+    assert_laid_out(out["bare"], None)
 
     out = ep.pmap2_new_states(
         _mixed, state_out_axes={1: True, 0: ep.ParamState}
     )  # True too
     assert out["p"].value.shape == (N, 2)
-    assert out["s"].value.shape == (2, N)
+    assert_laid_out(out["p"].value, 0)
+    for k in ("s", "t"):
+        assert out[k].value.shape == (2, N)
+        assert_laid_out(out[k].value, 1)
+    assert out["bare"].shape == (2, N)
+    assert_laid_out(out["bare"], 1)
 
 
 def test_single_filter_means_axis_0(leaks):
     out = ep.pmap2_new_states(_mixed, state_out_axes=ep.ParamState)
-    assert out["p"].value.shape == (N, 2)
-    assert out["s"].value.shape == (N, 2)
+    for k in ("p", "s", "t"):
+        assert out[k].value.shape == (N, 2)
+        assert_laid_out(out[k].value, 0)
     assert out["nb"].value.shape == (3,)
+    assert_laid_out(out["nb"].value, None)
 
 
 def test_same_axis_matched_twice_is_not_ambiguous(leaks):
     out = ep.pmap2_new_states(_mixed, state_out_axes={1: [ep.LongTermState, "t"]})
     assert out["t"].value.shape == (2, N)
+    assert_laid_out(out["t"].value, 1)
 
 
 def test_marker_holding_a_pytree_gets_one_axis(leaks):
@@ -414,6 +453,8 @@ def test_marker_holding_a_pytree_gets_one_axis(leaks):
     out = ep.pmap2_new_states(make, state_out_axes={-1: ...})
     assert out.value["a"].shape == (2, N)
     assert out.value["b"].shape == (2, 3, N)
+    assert_laid_out(out.value["a"], 1)
+    assert_laid_out(out.value["b"], 2)
 
 
 def test_state_tag_written_into_new_untagged_markers(leaks):
@@ -439,7 +480,9 @@ def test_state_tag_is_visible_to_filters(leaks):
 
     out = ep.pmap2_new_states(make, state_tag="new", state_out_axes={1: WithTag("new")})
     assert out["a"].value.shape == (2, N)
+    assert_laid_out(out["a"].value, 1)
     assert out["b"].value.shape == (N, 2)
+    assert_laid_out(out["b"].value, 0)
 
 
 def test_inputs_are_never_changed(leaks):
@@ -468,6 +511,7 @@ def test_inputs_are_never_changed(leaks):
         m, init_kwargs, state_out_axes=out_axes, init_in_axes=in_axes
     )
     assert out.p.value.shape == (3, N)
+    assert_laid_out(out.p.value, 1)
     assert init_kwargs == before and all(init_kwargs[k] is before[k] for k in before)
     assert nested == nested_before and nested["k"] is key
     assert out_axes == out_axes_before and in_axes == in_axes_before
@@ -639,8 +683,14 @@ def test_cache_make_with_state_called_anew(leaks):
     ep.pmap2_new_states(eqx.nn.make_with_state(Net), {"key": jax.random.key(0)})
     first = len(calls)
     assert first >= 1
-    ep.pmap2_new_states(eqx.nn.make_with_state(Net), {"key": jax.random.key(1)})
+    key = jax.random.key(1)
+    net, _ = ep.pmap2_new_states(eqx.nn.make_with_state(Net), {"key": key})
     assert len(calls) == first
+    ref = eqx.nn.make_with_state(Net)(key)[0]  # the new key's values, not the old ones
+    for i in range(N):
+        np.testing.assert_allclose(
+            np.asarray(net.linear.weight[i]), np.asarray(ref.linear.weight)
+        )
 
 
 def test_cache_tells_static_int_from_float(leaks):
@@ -652,6 +702,8 @@ def test_cache_tells_static_int_from_float(leaks):
     b = ep.pmap2_new_states(make, {"fill": 2.0})
     assert jnp.issubdtype(a.value.dtype, jnp.integer)
     assert jnp.issubdtype(b.value.dtype, jnp.floating)
+    for x in (a.value, b.value):
+        np.testing.assert_array_equal(np.asarray(x), np.full((N, 3), 2))
 
 
 def test_cache_tells_dtypes_apart(leaks):
@@ -662,6 +714,8 @@ def test_cache_tells_dtypes_apart(leaks):
     b = ep.pmap2_new_states(make, {"x": jnp.ones(2, jnp.int32)})
     assert a.value.dtype == jnp.float32
     assert b.value.dtype == jnp.int32
+    for x in (a.value, b.value):
+        np.testing.assert_array_equal(np.asarray(x), np.full((N, 2), 2))
 
 
 # --------------------------------------------------------------------------- vmap2_new_states
@@ -691,7 +745,11 @@ def test_vmap_axes(axis, shape, leaks):
     assert x.shape == shape
     assert len(x.devices()) == 1
     assert out["nb"].value.shape == (2,)
-    if axis is not None:
+    assert len(out["nb"].value.devices()) == 1
+    np.testing.assert_array_equal(np.asarray(out["nb"].value), np.ones(2))
+    if axis is None:
+        np.testing.assert_array_equal(np.asarray(x), np.zeros((3, 5)))
+    else:
         pos = axis % 3
         moved = np.moveaxis(np.asarray(x), pos, 0)
         for i in range(4):
@@ -710,6 +768,7 @@ def test_vmap_init_state_module_and_per_member_keys(leaks):
     out = ep.vmap2_new_states(
         Ens(), {"key": keys}, axis_size=3, init_in_axes={"key": 0}
     )
+    assert len(out.w.value.devices()) == 1
     x = np.asarray(out.w.value)
     assert x.shape == (3, 2)
     for i in range(3):
@@ -723,7 +782,7 @@ def test_vmap_varying_replicated_state_names_path(leaks):
     def make():
         return {"ok": ep.State(_idx("ens")), "shared": ep.NonBatchState(_idx("ens"))}
 
-    with pytest.raises(ValueError, match=r"\['shared'\]"):
+    with pytest.raises(ValueError, match=r"\['shared'\]\.value are to be replicated"):
         ep.vmap2_new_states(make, axis_size=4, axis_name="ens")
 
 
@@ -736,15 +795,18 @@ def test_vmap_varying_replicated_state_from_keys_names_path(leaks):
             "bad": ep.NonBatchState(jax.random.normal(key, (2,))),
         }
 
-    with pytest.raises(ValueError, match=r"\['bad'\]"):
+    with pytest.raises(ValueError, match=r"\['bad'\]\.value are to be replicated"):
         ep.vmap2_new_states(make, {"key": keys}, axis_size=4, init_in_axes={"key": 0})
 
 
 def test_vmap_more_members_than_devices(leaks):
     out = ep.vmap2_new_states(Counter(), axis_size=16)
     assert out.count.value.shape == (16,)
+    assert len(out.count.value.devices()) == 1
+    np.testing.assert_array_equal(np.asarray(out.count.value), np.zeros(16))
 
 
 def test_vmap_state_tag(leaks):
     out = ep.vmap2_new_states(Counter(), axis_size=2, state_tag="ens")
     assert out.count.tag == "ens"
+    assert out.count.value.shape == (2,)

@@ -19,6 +19,7 @@ def test_inside_jit(leaks):
     double = ep.pmap2(lambda x: x * 2, in_axes=0)
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     out = jax.jit(lambda x: double(x) + 1)(x)
+    assert out.shape == (8, 3)
     np.testing.assert_array_equal(np.asarray(out), 2 * x + 1)
 
 
@@ -42,7 +43,9 @@ def test_inside_jit_tracers_are_mapped_by_in_axes():
     assert out.shape == (3,) and out.sharding.spec == P()
     np.testing.assert_allclose(np.asarray(out), np.full(3, 2.0))
     # the eager call gives the same
-    np.testing.assert_allclose(np.asarray(scale(w, x)), np.full(3, 2.0))
+    eager = scale(w, x)
+    assert eager.shape == (3,) and eager.sharding.spec == P()
+    np.testing.assert_allclose(np.asarray(eager), np.full(3, 2.0))
 
 
 def test_grad_through_pmap2():
@@ -52,6 +55,7 @@ def test_grad_through_pmap2():
     w = _replicated(jnp.ones(3))
     x = np.arange(24, dtype=np.float32).reshape(8, 3)
     g = jax.grad(f)(w, x)
+    assert g.shape == (3,)
     np.testing.assert_allclose(np.asarray(g), x.sum(0))
 
 
@@ -72,7 +76,9 @@ def test_weak_and_strong_inputs_share_the_layout_decisions():
     assert (
         a.dtype == jnp.float32 and b.dtype == jnp.bfloat16
     )  # jax.jit's promotion, per call
+    np.testing.assert_array_equal(np.asarray(a), np.full((8, 3), 2.0))
     np.testing.assert_array_equal(np.asarray(b, np.float32), np.full((8, 3), 3.0))
+    assert a.sharding == per
     assert b.sharding == per
 
 
@@ -83,13 +89,18 @@ def test_runtime_check_raises_replication_error_itself():
     def drift(w, x):  # a gradient step without pmean: the copies of w drift apart
         return w - jax.grad(lambda w: jnp.sum(w * x.sum()))(w)
 
-    with pytest.raises(ep.ReplicationError, match=r"<root>.*pmean"):
+    with pytest.raises(
+        ep.ReplicationError, match=r"leaves at <root> should be the same .*pmean"
+    ):
         ep.pmap2(drift, check_replicated="runtime")(w, x)
 
     def fine(w, x):
         return w - jax.lax.pmean(jax.grad(lambda w: jnp.sum(w * x.sum()))(w), "devices")
 
     out = ep.pmap2(fine, check_replicated="runtime")(w, x)
+    assert out.shape == (3,) and out.sharding.spec == P()
     np.testing.assert_allclose(np.asarray(out), np.full(3, -3.5))
-    with pytest.raises(ValueError, match="check_replicated"):
+    with pytest.raises(
+        ValueError, match=r"`check_replicated` must be True, .* but got 'yes'"
+    ):
         ep.pmap2(fine, check_replicated="yes")
