@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import _spec, BNNet
+from helpers import _spec, assert_laid_out, BNNet
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import (
@@ -81,7 +81,10 @@ def test_list_and_tuple_mean_any(container):
 
 def test_empty_list_matches_nothing():
     f = to_predicate([])
+    assert f == Any()
     assert not f((), ep.ParamState(jnp.zeros(2)))
+    assert not f((A("x"),), ep.ShortTermState(jnp.zeros(2), tag="t"))
+    assert not f((), jnp.zeros(2))
 
 
 def test_one_argument_callable_is_asked_about_the_value():
@@ -124,6 +127,7 @@ def test_two_argument_callable_gets_path_and_state():
     assert f(path, st)
     assert not f(path[:1], st)
     assert seen[0][0] == path and seen[0][1] is st  # the marker itself, not its value
+    assert seen[1][0] == path[:1] and seen[1][1] is st
 
 
 def test_filter_instance_is_returned_as_is():
@@ -138,13 +142,16 @@ def test_anything_else_is_a_typeerror(bad):
     with pytest.raises(TypeError) as e:
         to_predicate(bad)
     assert type(bad).__name__ in str(e.value)
+    assert f"Cannot use {bad!r} of type {type(bad).__name__} as a filter" in str(
+        e.value
+    )
 
 
 def test_int_one_is_not_true():
     # `True` is a shorthand; `1` (equal to True) is not.
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Cannot use 1 of type int as a filter"):
         to_predicate(1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="Cannot use 0 of type int as a filter"):
         to_predicate(0)
 
 
@@ -152,12 +159,14 @@ def test_callable_of_three_arguments_is_a_typeerror():
     def three(a, b, c):
         return True
 
-    with pytest.raises(TypeError, match="three"):
+    with pytest.raises(
+        TypeError, match=r"<function .*three .* must take one argument .* or two"
+    ):
         to_predicate(three)
 
 
 def test_bad_filter_inside_a_list_is_a_typeerror():
-    with pytest.raises(TypeError, match="42"):
+    with pytest.raises(TypeError, match="Cannot use 42 of type int as a filter"):
         to_predicate([ep.ParamState, 42])
 
 
@@ -183,10 +192,14 @@ def test_oftype_batchnorm_and_state_in_pmap2_new_states(leaks):
     assert net.bn.weight.shape == (2,)
     assert net.bn.bias.shape == (2,)
     assert _spec(net.bn.weight) == ()
+    assert_laid_out(net.bn.weight, None)
+    assert_laid_out(net.bn.bias, None)
     # the Linear's arrays matched nothing: axis 0
     assert net.linear.weight.shape == (8, 2, 3)
     assert net.linear.bias.shape == (8, 2)
     assert _spec(net.linear.weight) == ("devices",)
+    assert_laid_out(net.linear.weight, 0)
+    assert_laid_out(net.linear.bias, 0)
     # everything in the eqx.nn.State: device axis last
     leaves = jtu.tree_leaves(state)
     assert len(leaves) == 3
@@ -194,6 +207,7 @@ def test_oftype_batchnorm_and_state_in_pmap2_new_states(leaks):
     assert shapes == [(2, 8), (2, 8), (8,)]
     for x in leaves:
         assert x.sharding.spec[x.ndim - 1] == "devices"
+        assert_laid_out(x, x.ndim - 1)
 
 
 # --------------------------------------------------------------------------- PathContains
@@ -238,9 +252,13 @@ def test_pathcontains_really_matches_paths_in_pmap2_new_states(leaks):
             },
         )
     assert out.encoder["w"].shape == (2, 8)  # dict key -> axis 1
+    assert_laid_out(out.encoder["w"], 1)
     assert out.encoder["v"].shape == (8, 2)  # no match -> axis 0
+    assert_laid_out(out.encoder["v"], 0)
     assert out.decoder[0].value.shape == (8, 2)
+    assert_laid_out(out.decoder[0].value, 0)
     assert out.decoder[1].value.shape == (2,)  # index 1 -> replicated
+    assert_laid_out(out.decoder[1].value, None)
     np.testing.assert_array_equal(np.asarray(out.decoder[1].value), np.ones(2))
 
     out = ep.pmap2_new_states(
@@ -248,7 +266,11 @@ def test_pathcontains_really_matches_paths_in_pmap2_new_states(leaks):
     )
     assert out.decoder[0].value.shape == (2, 8)  # attribute name
     assert out.decoder[1].value.shape == (2, 8)
-    assert out.encoder["w"].shape == (8, 2)
+    assert_laid_out(out.decoder[0].value, 1)
+    assert_laid_out(out.decoder[1].value, 1)
+    for k in ("w", "v"):
+        assert out.encoder[k].shape == (8, 2)
+        assert_laid_out(out.encoder[k], 0)
 
 
 def test_two_argument_callable_in_state_out_axes(leaks):
@@ -260,8 +282,14 @@ def test_two_argument_callable_in_state_out_axes(leaks):
 
     out = ep.pmap2_new_states(_make_encdec, state_out_axes={None: is_v})
     assert out.encoder["v"].shape == (2,)
+    assert_laid_out(out.encoder["v"], None)
     assert out.encoder["w"].shape == (8, 2)
+    assert_laid_out(out.encoder["w"], 0)
+    for d in out.decoder:
+        assert d.value.shape == (8, 2)
+        assert_laid_out(d.value, 0)
     assert (A("encoder"), D("w")) in seen  # real, non-empty paths
+    assert (A("encoder"), D("v")) in seen
 
 
 # --------------------------------------------------------------------------- combinators

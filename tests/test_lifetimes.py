@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import assert_laid_out
 
 import eqx_pmapstate as ep
 
@@ -57,3 +58,8 @@ def test_an_inline_lambda_filter_does_not_recompile():
     second = create()
     assert len(traces) == n  # not traced again
     assert first["a"].shape == (3,) and second["b"].shape == (8, 3)
+    for out in (first, second):  # both lambdas put the same states in the same places
+        assert_laid_out(out["a"], None)
+        assert_laid_out(out["b"], 0)
+        np.testing.assert_array_equal(np.asarray(out["a"]), np.zeros(3))
+        np.testing.assert_array_equal(np.asarray(out["b"]), np.ones((8, 3)))

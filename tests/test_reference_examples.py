@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import _none, ParallelModel  # the page's second example's model
+from helpers import _none, assert_laid_out, ParallelModel  # example 2's model
 from jax.sharding import PartitionSpec as P
 
 import eqx_pmapstate as ep
@@ -33,11 +33,13 @@ def test_example_1_basic_parallel_initialization(leaks):
     )
     assert module.count.value.shape == (n,)
     assert module.count.value.sharding.spec == P("devices")
+    assert_laid_out(module.count.value, 0, n=n)
     np.testing.assert_array_equal(np.asarray(module.count.value), np.zeros(n))
     # brainstate returns {axis: [State, ...]}; here that is states_by_axis
     layout = ep.states_by_axis(module)
     assert list(layout) == [0]
     assert [path for path, _ in layout[0]] == [(jax.tree_util.GetAttrKey("count"),)]
+    assert layout[0][0][1] is module.count
 
 
 # --------------------------------------------------------------------------- example 2
@@ -57,6 +59,7 @@ def test_example_2_device_sharded_parameters(leaks):
     for x in (model.weight.value, model.bias.value):
         assert x.sharding.spec == P("devices")
         assert x.sharding.shard_shape(x.shape) == (1, 128)
+        assert_laid_out(x, 0, n=n_devices)
     expected = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (128,)))
     for shard in model.weight.value.addressable_shards:
         np.testing.assert_allclose(np.asarray(shard.data)[0], expected, rtol=1e-6)
@@ -66,6 +69,7 @@ def test_example_2_device_sharded_parameters(leaks):
     layout = ep.states_by_axis(model)
     assert list(layout) == [0]
     assert [type(s) for _, s in layout[0]] == [ep.ParamState, ep.ParamState]
+    assert layout[0][0][1] is model.weight and layout[0][1][1] is model.bias
 
 
 # --------------------------------------------------------------------------- example 3
@@ -95,6 +99,9 @@ def test_example_3_mixed_replicated_and_sharded(leaks):
     assert module.global_config.value.shape == (3,)  # replicated (not sharded)
     assert module.local_state.value.sharding.spec == P("devices")
     assert module.global_config.value.sharding.is_fully_replicated
+    assert_laid_out(module.local_state.value, 0)
+    assert_laid_out(module.global_config.value, None)
+    np.testing.assert_array_equal(np.asarray(module.local_state.value), np.zeros(8))
     for shard in module.global_config.value.addressable_shards:
         np.testing.assert_array_equal(np.asarray(shard.data), [1.0, 2.0, 3.0])
     layout = ep.states_by_axis(module)
@@ -122,7 +129,7 @@ def test_varying_nonbatchstate_raises_instead_of_taking_device_0(leaks):
                 ep.NonBatchState(jax.lax.axis_index("devices").astype(jnp.float32))
             )
 
-    with pytest.raises(ValueError, match=r"\.config"):
+    with pytest.raises(ValueError, match=r"at \.config\.value are to be replicated"):
         ep.pmap2_new_states(M())
 
 
@@ -143,12 +150,17 @@ def test_pathcontains_matches(leaks):
     )
     assert out.encoder.h.value.shape == (4,)
     assert out.encoder.h.value.sharding.is_fully_replicated
+    assert_laid_out(out.encoder.h.value, None)
     assert out.decoder.h.value.shape == (8, 4)
+    assert_laid_out(out.decoder.h.value, 0)
 
 
 def test_ambiguous_filters_raise(leaks):
     # brainstate: the first matching filter silently wins.
-    with pytest.raises(ValueError, match=r"\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"at \.weight \(ParamState\) is matched .*`state_out_axes`: 0, 1\.",
+    ):
         ep.pmap2_new_states(
             ParallelModel(),
             {"layer_size": 4},
@@ -158,7 +170,7 @@ def test_ambiguous_filters_raise(leaks):
 
 def test_axis_size_too_large_is_a_clear_error():
     # brainstate: "cannot select an axis to squeeze out..." from inside JAX.
-    with pytest.raises(ValueError, match="16.*8|8.*16"):
+    with pytest.raises(ValueError, match=r"`axis_size=16` is larger .* which is 8\."):
         ep.pmap2_new_states(ParallelCounter(), axis_size=16)
 
 
@@ -174,10 +186,12 @@ def test_axis_index_works_inside_the_init_no_eager_pass(leaks):
             return Ranked(ep.ShortTermState(jax.lax.axis_index("devices")))
 
     out = ep.pmap2_new_states(Ranked())
+    assert_laid_out(out.rank.value, 0)
     np.testing.assert_array_equal(np.asarray(out.rank.value), np.arange(8))
     first = len(calls)
-    ep.pmap2_new_states(Ranked())  # brainstate recompiles on every call
+    out = ep.pmap2_new_states(Ranked())  # brainstate recompiles on every call
     assert len(calls) == first
+    np.testing.assert_array_equal(np.asarray(out.rank.value), np.arange(8))
 
 
 def test_negative_axis_gives_the_right_shape(leaks):
@@ -189,6 +203,9 @@ def test_negative_axis_gives_the_right_shape(leaks):
     )
     assert out.bias.value.shape == (5, 8)
     assert out.weight.value.shape == (8, 5)
+    assert_laid_out(out.bias.value, 1)
+    assert_laid_out(out.weight.value, 0)
+    np.testing.assert_array_equal(np.asarray(out.bias.value), np.zeros((5, 8)))
 
 
 def test_the_input_module_is_not_mutated(leaks):
@@ -197,3 +214,4 @@ def test_the_input_module_is_not_mutated(leaks):
     out = ep.pmap2_new_states(m, {"layer_size": 3})
     assert m.weight is None and m.bias is None
     assert out.weight.value.shape == (8, 3)
+    assert out.bias.value.shape == (8, 3)

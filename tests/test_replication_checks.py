@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_laid_out
 
 import eqx_pmapstate as ep
 from eqx_pmapstate._checks import checksum
@@ -18,8 +19,10 @@ def test_equal_split_inputs_may_be_replicated(how, leaks):
     x = jnp.ones((8, 2))
     if how == "pmap":
         out = ep.pmap2_new_states(_make, {"x": x}, init_in_axes={"x": 0})
+        assert_laid_out(out.value, None)
     else:
         out = ep.vmap2_new_states(_make, {"x": x}, axis_size=8, init_in_axes={"x": 0})
+        assert len(out.value.devices()) == 1
     assert out.value.shape == (2,)
     np.testing.assert_array_equal(out.value, np.ones(2))
 
@@ -27,7 +30,9 @@ def test_equal_split_inputs_may_be_replicated(how, leaks):
 @pytest.mark.parametrize("how", ["pmap", "vmap"])
 def test_unequal_split_inputs_may_not_be_replicated(how):
     x = jnp.ones((8, 2)).at[5, 1].set(2.0)
-    with pytest.raises(ValueError, match=r"\.value"):
+    with pytest.raises(
+        ValueError, match=r"at \.value are to be replicated \(axis None\)"
+    ):
         if how == "pmap":
             ep.pmap2_new_states(_make, {"x": x}, init_in_axes={"x": 0})
         else:

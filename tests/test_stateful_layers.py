@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
-from helpers import _spec, N
+from helpers import _spec, assert_laid_out, N
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
@@ -60,6 +60,7 @@ def test_make_with_state_model_replicated_state_per_device(leaks):
             "devices",
         )
         assert _spec(x) == () and x.sharding.is_fully_replicated
+        assert_laid_out(x, None)
         np.testing.assert_allclose(np.asarray(x), np.asarray(r), rtol=1e-6)
 
     # the state: one copy per device, along axis 0
@@ -68,6 +69,7 @@ def test_make_with_state_model_replicated_state_per_device(leaks):
     for x, r in zip(leaves, ref_leaves):
         assert x.shape == (N,) + r.shape
         assert _spec(x) == ("devices",)
+        assert_laid_out(x, 0)
         for i in range(N):
             np.testing.assert_array_equal(np.asarray(x)[i], np.asarray(r))
     mean, var = state.get(model.bn.batch_state_index)
@@ -132,6 +134,7 @@ def test_batch_norm_statistics_over_all_devices(leaks):
 
     # the outputs are normalised with the global statistics
     assert out.shape == (N, B, 4)
+    assert_laid_out(out, 0)
     expected_out = (h - mean) / np.sqrt(var + model.bn.eps)
     np.testing.assert_allclose(
         np.asarray(out).reshape(-1, 4), expected_out, rtol=1e-4, atol=1e-5
@@ -139,12 +142,22 @@ def test_batch_norm_statistics_over_all_devices(leaks):
 
     # a second step, from the returned state
     out2, state2 = _bn_step(model, new_state, x)
-    hidden_mean2, _ = state2.get(model.bn.batch_state_index)
+    hidden_mean2, hidden_var2 = state2.get(model.bn.batch_state_index)
     np.testing.assert_allclose(
         np.asarray(hidden_mean2),
         np.broadcast_to(expected_mean * MOMENTUM + mean * (1 - MOMENTUM), (N, 4)),
         rtol=1e-5,
         atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(hidden_var2),
+        np.broadcast_to(expected_var * MOMENTUM + var * (1 - MOMENTUM), (N, 4)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # mode="batch": the same batch is normalised with the same global statistics
+    np.testing.assert_allclose(
+        np.asarray(out2).reshape(-1, 4), expected_out, rtol=1e-4, atol=1e-5
     )
     np.testing.assert_array_equal(
         np.asarray(state2.get(model.bn.batch_counter)), np.full(N, 2)
@@ -176,6 +189,7 @@ def test_per_device_dropout_keys(leaks):
     keys = jax.random.split(jax.random.key(0), N)
     out = _drop(model, x, keys)
     assert out.shape == (N, 64)
+    assert_laid_out(out, 0)
     masks = np.asarray(out) != 0
     assert len({m.tobytes() for m in masks}) == N  # a different mask on each device
     for i in range(N):  # each the mask of its own key
@@ -204,8 +218,9 @@ def test_replicated_dropout_key(how, leaks):
         out = ep.pmap2(lambda model, x, key: {"y": model(x, key)})(
             model, x, jax.device_put(key, NamedSharding(mesh, P()))
         )["y"]
-    out = np.asarray(out)
     assert out.shape == (N, 64)
+    assert_laid_out(out, 0)
+    out = np.asarray(out)
     expected = np.asarray(model(jnp.ones(64), key))
     assert 0 < (expected != 0).mean() < 1
     for i in range(N):  # the same mask on every device

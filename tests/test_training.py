@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import assert_laid_out
 
 import eqx_pmapstate as ep
 
@@ -60,23 +61,36 @@ def test_data_parallel_training_matches_one_device():
     got = eqx.filter(model, eqx.is_inexact_array)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref_params), strict=True):
         assert a.sharding.spec == jax.sharding.PartitionSpec()  # still replicated
+        assert_laid_out(a, None)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     # The per-device state was kept per device across the steps.
     assert model.seen.value.shape == (8,)
+    assert_laid_out(model.seen.value, 0)
     np.testing.assert_array_equal(
         np.asarray(model.seen.value), np.full(8, STEPS * BATCH // 8)
     )
     # The optimizer state kept its replicated layout too.
+    assert jax.tree.leaves(opt_state)
     for leaf in jax.tree.leaves(opt_state):
         assert leaf.sharding.spec == jax.sharding.PartitionSpec()
+        assert_laid_out(leaf, None)
 
 
 def test_forgetting_the_pmean_raises_naming_a_parameter():
     # Proved at trace time: nothing runs.
-    with pytest.raises(ValueError, match=r"mlp\.layers\[\d\]\.(weight|bias).*pmean"):
-        example.train(steps=2, average_gradients=False)
+    logged = []
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)output\[0\]\.mlp\.layers\[\d\]\.(weight|bias).* must come back "
+        r"replicated.*pmean",
+    ) as info:
+        example.train(
+            steps=2, average_gradients=False, log=lambda i, _: logged.append(i)
+        )
+    assert not isinstance(info.value, ep.ReplicationError)  # not the run-time check
+    assert logged == []  # not one step was taken
 
 
 def test_without_the_check_the_replicas_drift_silently():
@@ -98,6 +112,7 @@ def test_without_the_check_the_replicas_drift_silently():
     w = model.mlp.layers[0].weight
     shards = [np.asarray(s.data) for s in w.addressable_shards]
     assert w.sharding.spec == jax.sharding.PartitionSpec()
+    assert_laid_out(w, None)  # labelled replicated ...
     assert not all(np.array_equal(shards[0], s) for s in shards[1:])
 
 
