@@ -22,6 +22,8 @@ NEWEST_PYTHON := $(shell \
 endif
 export NEWEST_PYTHON
 NEWEST_VENV := .venv-newest
+# Job 2 checks every annotation of the library at run time, as Equinox's CI does.
+HOOK := --jaxtyping-packages=eqx_pmapstate,beartype.beartype
 NEWEST_STAMP := $(NEWEST_VENV)/.installed
 
 # One line naming the versions a job runs with.
@@ -77,9 +79,9 @@ $(NEWEST_STAMP): $(NEWEST_VENV)/bin/python pyproject.toml
 	touch $(NEWEST_STAMP)
 
 test-newest: $(NEWEST_STAMP)
-	@echo "=== job 2 (newest): $(NEWEST_VENV), from $(NEWEST_PYTHON), newest releases"
+	@echo "=== job 2 (newest): $(NEWEST_VENV), from $(NEWEST_PYTHON), newest releases, under jaxtyping's import hook (beartype)"
 	@$(NEWEST_VENV)/bin/python -c '$(VERSIONS)'
-	@start=$$(date +%s); $(NEWEST_VENV)/bin/python -m pytest -q; rc=$$?; \
+	@start=$$(date +%s); $(NEWEST_VENV)/bin/python -m pytest -q $(HOOK); rc=$$?; \
 	echo "=== job 2 (newest) took $$(( $$(date +%s) - start )) s"; exit $$rc
 endif
 

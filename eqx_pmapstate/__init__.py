@@ -14,6 +14,7 @@ from ._new_states import (
     vmap2_new_states as vmap2_new_states,
 )
 from ._pmap2 import Pmap2 as Pmap2, pmap2 as pmap2, StateAxes as StateAxes
+from ._typing import PerDevice as PerDevice, per_device as per_device
 from ._relayout import abstract as abstract, relayout as relayout
 from ._state import (
     LongTermState as LongTermState,

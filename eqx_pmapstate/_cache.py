@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ._jax_compat import register_with_jax_clear_caches
@@ -48,7 +49,7 @@ class ProgramCache:
             self._hits += 1
             return value
 
-    def put(self, key, value, weak: tuple[WeakId, ...] = ()) -> None:
+    def put(self, key, value, weak: Sequence[WeakId] = ()) -> None:
         with self._lock:
             self._drop_dead()
             self._entries[key] = value

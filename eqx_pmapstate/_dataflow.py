@@ -18,7 +18,7 @@ varies or one of its sub-jaxprs could make a value vary. So "invariant" is a pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from ._jax_compat import Literal, open_jaxpr, subjaxprs
 
@@ -58,7 +58,7 @@ _CALLS = frozenset(
 
 
 def varying_outputs(
-    closed, in_varying: Sequence[bool], axis_name: str
+    closed, in_varying: Sequence[bool], axis_name: Hashable | None
 ) -> tuple[bool, ...]:
     """For each output of `closed` (a `ClosedJaxpr`), whether it may differ between
     devices of `axis_name`, given which inputs do. Constants are invariant."""
@@ -66,7 +66,7 @@ def varying_outputs(
     return _run(jaxpr, [False] * n_consts + list(in_varying), axis_name)
 
 
-def _run(jaxpr, in_flags: Sequence[bool], axis: str) -> tuple[bool, ...]:
+def _run(jaxpr, in_flags: Sequence[bool], axis: Hashable | None) -> tuple[bool, ...]:
     # `in_flags` covers the jaxpr's constvars, then its invars.
     env: dict = {}
     for var, flag in zip(
@@ -84,7 +84,9 @@ def _run(jaxpr, in_flags: Sequence[bool], axis: str) -> tuple[bool, ...]:
     return tuple(read(a) for a in jaxpr.outvars)
 
 
-def _sub(closed_or_open, in_flags: Sequence[bool], axis: str) -> tuple[bool, ...]:
+def _sub(
+    closed_or_open, in_flags: Sequence[bool], axis: Hashable | None
+) -> tuple[bool, ...]:
     jaxpr, n_consts = open_jaxpr(closed_or_open)
     return _run(jaxpr, [False] * n_consts + list(in_flags), axis)
 
@@ -101,7 +103,7 @@ def _axis_names(params) -> tuple:
     return tuple(names)
 
 
-def _rule(eqn, ins: list[bool], axis: str) -> list[bool]:
+def _rule(eqn, ins: list[bool], axis: Hashable | None) -> list[bool]:
     name = eqn.primitive.name
     n_out = len(eqn.outvars)
     if axis in _axis_names(eqn.params):
@@ -129,7 +131,7 @@ def _rule(eqn, ins: list[bool], axis: str) -> list[bool]:
     return [any(ins) or any(_introduces_variation(s, axis) for s in subs)] * n_out
 
 
-def _introduces_variation(closed_or_open, axis: str) -> bool:
+def _introduces_variation(closed_or_open, axis: Hashable | None) -> bool:
     """Whether a jaxpr can produce a varying value from invariant inputs."""
     jaxpr, n_consts = open_jaxpr(closed_or_open)
     flags = _run(jaxpr, [False] * (n_consts + len(jaxpr.invars)), axis)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import numpy as np
@@ -233,7 +233,10 @@ def build(
     return compiled, cacheable
 
 
-def cached(cache, key, weak, make: Callable[[], tuple[Compiled, bool]]) -> Compiled:
+_V = TypeVar("_V")
+
+
+def cached(cache, key, weak, make: Callable[[], tuple[_V, bool]]) -> _V:
     """The program under `key` in `cache`, made by `make` when missing."""
     if key is not None:
         found = cache.get(key)

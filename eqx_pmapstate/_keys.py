@@ -223,7 +223,3 @@ class KeyedWalk:
     def callable(self, f: Callable) -> Any:
         """The key of a function given to `pmap2` or as a builder."""
         return self.value(f)
-
-
-def all_alive(weak: tuple[WeakId, ...]) -> bool:
-    return all(w.alive for w in weak)

@@ -475,6 +475,8 @@ class Pmap2:
         _check_axes_spec(in_axes, "in_axes")
         _check_axes_spec(out_axes, "out_axes")
         functools.update_wrapper(self, fun)
+        # As a function has: `jaxtyping.jaxtyped` reads the wrapped function's globals.
+        self.__globals__ = getattr(fun, "__globals__", {})
         self.fun = fun
         self.axis_name = axis_name
         self.in_axes = in_axes
