@@ -14,7 +14,6 @@ from ._new_states import (
     vmap2_new_states as vmap2_new_states,
 )
 from ._pmap2 import Pmap2 as Pmap2, pmap2 as pmap2, StateAxes as StateAxes
-from ._typing import PerDevice as PerDevice, per_device as per_device
 from ._relayout import abstract as abstract, relayout as relayout
 from ._state import (
     LongTermState as LongTermState,
@@ -23,6 +22,7 @@ from ._state import (
     ShortTermState as ShortTermState,
     State as State,
 )
+from ._typing import per_device as per_device, PerDevice as PerDevice
 
 
 # The version lives in pyproject.toml only: read it from the installed package's metadata.

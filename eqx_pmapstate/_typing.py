@@ -11,7 +11,7 @@ for different device counts do not type-check together.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence  # noqa: F401 (in string annotations)
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import Any, TYPE_CHECKING, TypeAlias, TypeVar
 
 import jax
 import jaxtyping
