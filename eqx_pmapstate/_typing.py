@@ -11,7 +11,7 @@ for different device counts do not type-check together.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence  # noqa: F401 (in string annotations)
-from typing import Any, TYPE_CHECKING, TypeAlias, TypeVar
+from typing import Any, no_type_check, TYPE_CHECKING, TypeAlias, TypeVar
 
 import jax
 import jaxtyping
@@ -99,14 +99,20 @@ def _name(t) -> str:
 
 class _PerDeviceMeta(type):
     # The class made by `per_device`: `isinstance` asks the global or the per-device
-    # annotation, depending on whether a mapped function is being traced.
+    # annotation, depending on whether a mapped function is being traced. Its checks run
+    # within the caller's jaxtyping bindings ("devices" must agree across arguments), so
+    # its methods are kept out of jaxtyping's import hook (`no_type_check`), which would
+    # give each its own bindings.
 
+    @no_type_check
     def _current(cls):
         return cls.inner if active_axis() is not None else cls.outer
 
+    @no_type_check
     def __instancecheck__(cls, obj) -> bool:
         return isinstance(obj, cls._current())
 
+    @no_type_check
     def __instancecheck_str__(cls, obj) -> str:
         # Used by jaxtyping for its error messages.
         check = getattr(cls._current(), "__instancecheck_str__", None)
