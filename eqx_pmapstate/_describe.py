@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -156,7 +157,7 @@ def describe(tree, axes=None) -> str:
             local = _per_device_shape(leaf)
             dtype = (
                 np.dtype(leaf.dtype)
-                if not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                if not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
                 else leaf.dtype
             )
             itemsize = getattr(dtype, "itemsize", 0)

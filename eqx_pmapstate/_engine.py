@@ -17,15 +17,16 @@ caller makes (`_keys`).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from typing import Any, NamedTuple, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import _program
-from ._jax_compat import hoist_consts
+from ._jax_compat import hoist_consts, Tracer
 from ._mesh import axis_spec
 from ._trace import Traced
 from ._tree import keystr, paths_str
@@ -46,9 +47,9 @@ def replication_message(paths, axis_name) -> str:
 
 
 class Pass(NamedTuple):
-    """A decision: hand back input number `index` unchanged."""
+    """A decision: hand back input number `input` unchanged."""
 
-    index: int
+    input: int
 
 
 class Layout(NamedTuple):
@@ -126,7 +127,7 @@ class Compiled:
 
 
 def _is_empty(aval) -> bool:
-    return aval.size == 0 and not jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)
+    return aval.size == 0 and not jnp.issubdtype(aval.dtype, jax.dtypes.extended)
 
 
 def _global_shape(shape, axis, n: int) -> tuple:
@@ -149,7 +150,7 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int) -> tuple:
             continue
         axis = layout.axes[k]
         if isinstance(axis, Pass):
-            plan.append(("pass", axis.index, None))
+            plan.append(("pass", axis.input, None))
         elif _is_empty(avals[k]):
             sharding = NamedSharding(mesh, axis_spec(axis_name, axis)) if mesh else None
             shape = _global_shape(avals[k].shape, axis, n)
@@ -161,13 +162,13 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int) -> tuple:
 
 
 def _placed(x, sharding) -> bool:
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return True  # inside another transformation: the program lays it out itself
     return getattr(x, "sharding", None) == sharding
 
 
 def hold_consts(
-    consts: Sequence, mesh: Mesh | None, user: set[int]
+    consts: Sequence, mesh: Mesh | None, user: Set[int]
 ) -> tuple[list, bool]:
     """How a cached program gets the constants of its jaxpr: per constant a callable.
 
@@ -180,7 +181,7 @@ def hold_consts(
     sharding = NamedSharding(mesh, P()) if mesh is not None else None
     held, cacheable = [], True
     for c in consts:
-        if isinstance(c, jax.core.Tracer):
+        if isinstance(c, Tracer):
             held.append(lambda c=c: c)
             cacheable = False
         elif id(c) in user and isinstance(c, jax.Array) and _placed(c, sharding):
@@ -202,7 +203,7 @@ def build(
     axis_name,
     axis_size: int,
     donate: Sequence[int] = (),
-    user_arrays: set[int] = frozenset(),
+    user_arrays: Set[int] = frozenset(),
 ) -> tuple[Compiled, bool]:
     """Compiles the program for `traced` laid out by `layout`. Returns it and whether it
     may be cached."""
@@ -211,21 +212,17 @@ def build(
     plan, outputs = _plan(traced, layout, mesh, axis_name, axis_size)
     jaxpr = hoist_consts(closed)  # holds no constant: they are inputs
     checked = [k for k, _ in outputs if k in layout.checked]
-    common = dict(
-        n_consts=len(closed.consts),
-        in_axes=in_axes,
-        outputs=outputs,
-        checked=checked,
-        donate=donate,
-    )
+    n_consts = len(closed.consts)
     if mesh is not None:
-        run = _program.sharded(jaxpr, mesh=mesh, axis_name=axis_name, **common)
+        run = _program.sharded(
+            jaxpr, n_consts, in_axes, outputs, checked, mesh, axis_name, donate
+        )
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
     else:
         run = _program.vmapped(
-            jaxpr, axis_size=axis_size, axis_name=axis_name, **common
+            jaxpr, n_consts, in_axes, outputs, checked, axis_size, axis_name, donate
         )
         in_shardings = None
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)

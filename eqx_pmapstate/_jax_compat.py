@@ -1,7 +1,7 @@
 """Everything this library takes from JAX beyond its main public API, in one place.
 
 The jaxpr types come from `jax.extend.core`, JAX's API for libraries that read and
-evaluate jaxprs. One private function is used: `jax._src.util.register_cache`, so that
+evaluate jaxprs; `Tracer` from `jax.core`. One private function is used: `jax._src.util.register_cache`, so that
 `jax.clear_caches()` also clears this library's cache. `tests/test_jax_compat.py` pins
 each of these; if JAX changes one, that test fails.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.extend.core as jex_core
+from jax.core import Tracer as Tracer
 
 
 ClosedJaxpr = jex_core.ClosedJaxpr

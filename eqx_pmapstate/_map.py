@@ -130,20 +130,26 @@ class Map(eqx.Module):
 
         A new `Map` holding the initialised module.
         """
-        common = dict(
-            state_tag=self.state_tag,
-            axis_size=self.init_map_size,
-            state_out_axes=self.init_state_axes,
-            init_in_axes=init_in_axes,
-        )
         if self.behavior == "pmap":
             module = pmap2_new_states(
-                self.module, init_kwargs, axis_name=self._name, **common
+                self.module,
+                init_kwargs,
+                self.state_tag,
+                self.init_map_size,
+                self.init_state_axes,
+                axis_name=self._name or "devices",
+                init_in_axes=init_in_axes,
             )
             axes = None
         else:
             module = vmap2_new_states(
-                self.module, init_kwargs, axis_name=self._name, **common
+                self.module,
+                init_kwargs,
+                self.state_tag,
+                self.init_map_size,
+                self.init_state_axes,
+                axis_name=self._name,
+                init_in_axes=init_in_axes,
             )
             axes = jtu.tree_map(
                 lambda x: (

@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
-import jax
 import jax.tree_util as jtu
 from jax.sharding import Mesh
 
@@ -16,6 +15,7 @@ from ._assign import assign_axis, mapped_axis, normalize_out_axes, warn_unmatche
 from ._cache import programs
 from ._dataflow import varying_outputs
 from ._describe import leaf_axis
+from ._jax_compat import Tracer
 from ._keys import KeyedWalk
 from ._layout import new_states_layout, OutLeaf
 from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
@@ -208,7 +208,7 @@ def _module_inputs(module, mesh, axis_name, walk: KeyedWalk):
             template.append(leaf)
             statics.append(walk.value(leaf))
             continue
-        if isinstance(leaf, jax.core.Tracer):
+        if isinstance(leaf, Tracer):
             raise ValueError(
                 f"The module's leaf at {keystr(path)} is traced (the call is inside "
                 "`jax.jit`, `jax.grad` or `jax.vmap`), so its layout cannot be read. Call "
@@ -234,10 +234,9 @@ def _held_axis(leaf, mesh, axis_name) -> int | None:
     if mesh is None:
         return None
     axis = read_axis(leaf, axis_name, mesh)
-    if axis is _UNKNOWN or (axis is None and leaf_axis(leaf) not in (None, _UNKNOWN)):
-        known = leaf_axis(leaf)  # a zero-size array whose sharding JAX simplified
-        return None if known is _UNKNOWN else known
-    return axis
+    if axis is _UNKNOWN or axis is None:
+        axis = leaf_axis(leaf)  # remembered for an array whose sharding says less
+    return axis if isinstance(axis, int) else None
 
 
 def _collect_inputs(module, init_form, kwargs, in_axes_of, n, mesh, axis_name, walk):
@@ -266,7 +265,7 @@ def _collect_inputs(module, init_form, kwargs, in_axes_of, n, mesh, axis_name, w
     def rebuild(local):
         it = iter(local)
         mod = None
-        if mod_def is not None:
+        if mod_def is not None and mod_template is not None:
             mod = mod_def.unflatten(
                 [next(it) if x is _SLOT else x for x in mod_template]
             )
@@ -287,11 +286,9 @@ def _collect_inputs(module, init_form, kwargs, in_axes_of, n, mesh, axis_name, w
 
 
 def _per_device_fn(inputs: _Inputs, init_form: bool, module, state_tag):
-    build = None if init_form else module
-
     def fn(local):
         mod, kwargs = inputs.rebuild(local)
-        out = _init_all(mod, kwargs) if init_form else build(**kwargs)
+        out = _init_all(mod, kwargs) if init_form else module(**kwargs)
         if state_tag is not None:
             out = _tag_new_markers(out, inputs.held, state_tag)
         return out
@@ -343,7 +340,7 @@ def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
 
 
 def _raise_if_differ(compiled, flags) -> None:
-    if isinstance(flags, jax.core.Tracer):
+    if isinstance(flags, Tracer):
         raise ValueError(
             f"The state(s) at {paths_str(keystr(p) for p in compiled.checked_paths)} are to "
             "be replicated (axis None), but this library cannot prove them the same on "
@@ -420,7 +417,7 @@ def pmap2_new_states(
     state_out_axes: Any = None,
     *,
     axis_name: str = "devices",
-    devices: Sequence[jax.Device] | Mesh | None = None,
+    devices: Sequence[Any] | Mesh | None = None,
     init_in_axes: dict[str, Any] | None = None,
 ):
     """Creates a module's new states on several devices at once, each laid out along the

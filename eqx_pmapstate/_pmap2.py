@@ -17,8 +17,9 @@ from ._assign import assign_axis, mapped_axis, normalize_out_axes
 from ._cache import programs
 from ._dataflow import varying_outputs
 from ._engine import replication_message, ReplicationError
+from ._jax_compat import Tracer
 from ._keys import Guard, KeyedWalk, WeakId
-from ._layout import DEFAULT, OutLeaf, step_layout
+from ._layout import CheckMode, DEFAULT, OutLeaf, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states
@@ -83,7 +84,7 @@ def _signature(leaves) -> tuple:
 
 
 def _leaf_sig(x):
-    if isinstance(x, jax.core.Tracer):  # `pmap2` called inside another transformation
+    if isinstance(x, Tracer):  # `pmap2` called inside another transformation
         return jax.typeof(x)
     if isinstance(x, jax.Array):
         _CONCRETE.add(type(x))
@@ -152,7 +153,7 @@ class _Inputs(NamedTuple):
 
 
 def _on_mesh(x, axis_name) -> bool:
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+    if not isinstance(x, jax.Array) or isinstance(x, Tracer):
         return False
     s = x.sharding
     return isinstance(s, NamedSharding) and axis_name in s.mesh.axis_names
@@ -194,7 +195,7 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
     any_on = any(_on_mesh(x, axis_name) for _, x in flat)
     on, off = {}, {}
     for (path, x), g in zip(flat, given):
-        if g is not DEFAULT or not is_arraylike(x) or isinstance(x, jax.core.Tracer):
+        if g is not DEFAULT or not is_arraylike(x) or isinstance(x, Tracer):
             continue
         (on if _on_mesh(x, axis_name) else off).setdefault(_argument_of(path), path)
     for arg, path in off.items():
@@ -222,7 +223,7 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     if callable(g) and g is not DEFAULT:
         g = g(x)
     if g is DEFAULT:
-        if isinstance(x, jax.core.Tracer):
+        if isinstance(x, Tracer):
             raise ValueError(
                 f"The input {_where(path)} is traced (`pmap2` is called inside `jax.jit`, "
                 "`jax.grad`, `jax.vmap` or another transformation), so its layout cannot "
@@ -384,7 +385,7 @@ def _check_donation(dyn, donated, flat_paths) -> None:
     seen: dict = {}
     for d in donated:
         x = dyn[d]
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.Array) and not isinstance(x, Tracer):
             if x.is_deleted():
                 raise ValueError(
                     f"The input {_where(flat_paths[d])} was donated by an earlier call and "
@@ -484,9 +485,12 @@ class Pmap2:
         self.donate = donate
         self.check_replicated = check_replicated
         self.devices = devices
-        self._check = {True: "trace", False: "off", "runtime": "runtime"}[
-            check_replicated
-        ]
+        modes: dict[Any, CheckMode] = {
+            True: "trace",
+            False: "off",
+            "runtime": "runtime",
+        }
+        self._check: CheckMode = modes[check_replicated]
         self._fast: dict = {}
         programs.listen(self)
 
@@ -562,7 +566,7 @@ class Pmap2:
             programs, key, walk.weak, lambda: self._compile(args, kwargs, leaves, walk)
         )
         fast = _Fast(entry, tuple(walk.guards))
-        if not any(isinstance(c(), jax.core.Tracer) for c in entry.compiled.consts):
+        if not any(isinstance(c(), Tracer) for c in entry.compiled.consts):
             self._fast[sig] = fast
         return fast
 
@@ -624,7 +628,7 @@ def pmap2(
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
     check_replicated: bool | Literal["runtime"] = True,
-    devices: Sequence[jax.Device] | Mesh | None = None,
+    devices: Sequence[Any] | Mesh | None = None,
 ) -> Callable[[Callable], Pmap2]: ...
 
 
@@ -637,20 +641,20 @@ def pmap2(
     out_axes: Any = ...,
     donate: Literal["all", "all-except-first", "none"] = "none",
     check_replicated: bool | Literal["runtime"] = True,
-    devices: Sequence[jax.Device] | Mesh | None = None,
+    devices: Sequence[Any] | Mesh | None = None,
 ) -> Pmap2: ...
 
 
 def pmap2(
-    fun=None,
+    fun: Callable | None = None,
     *,
-    axis_name="devices",
-    in_axes=DEFAULT,
-    out_axes=DEFAULT,
-    donate="none",
-    check_replicated=True,
-    devices=None,
-):
+    axis_name: str = "devices",
+    in_axes: Any = DEFAULT,
+    out_axes: Any = DEFAULT,
+    donate: Literal["all", "all-except-first", "none"] = "none",
+    check_replicated: bool | Literal["runtime"] = True,
+    devices: Sequence[Any] | Mesh | None = None,
+) -> Any:
     """Maps a function over the devices of a mesh axis, like `eqx.filter_pmap`, on
     `jax.jit(jax.shard_map(...))` and global arrays.
 

@@ -10,6 +10,8 @@ import weakref
 
 import jax
 
+from ._jax_compat import Tracer
+
 
 _lock = threading.Lock()
 _axes: dict[int, tuple] = {}  # id(array) -> (weakref, axis, axis_name)
@@ -32,7 +34,7 @@ def register(compiled, out, axis_name) -> None:
 
 def remember(x, axis, axis_name=None) -> None:
     """Remembers the axis of one array (made on one device, like an ensemble's)."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, Tracer):
         return
     key = id(x)
     try:

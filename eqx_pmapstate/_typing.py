@@ -150,10 +150,7 @@ else:
             return per_device(*args)
 
 
-FilterLike: TypeAlias = (
-    "_filters.Filter | type | str | bool | EllipsisType | None | "
-    "Sequence[FilterLike] | Callable[..., bool]"
-)
+FilterLike: TypeAlias = "_filters.Filter | type | str | bool | EllipsisType | None | Sequence[FilterLike] | Callable[..., bool]"  # noqa: E501
 """The filter language: what [`eqx_pmapstate.filters.to_predicate`][] accepts."""
 
 if TYPE_CHECKING:
