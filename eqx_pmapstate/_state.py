@@ -1,11 +1,14 @@
 """State markers: small immutable wrappers that name what kind of state a value is."""
 
-from typing import Any
+from typing import Generic, TypeVar
 
 import equinox as eqx
 
 
-class State(eqx.Module):
+_Value = TypeVar("_Value")
+
+
+class State(eqx.Module, Generic[_Value]):
     """A state of a module: a pytree of arrays that is laid out over a mapped axis as one unit.
 
     Markers exist so that code written in brainstate's vocabulary reads the same here
@@ -20,25 +23,28 @@ class State(eqx.Module):
 
     - `value`: any pytree of arrays.
     - `tag`: an optional string, matched by [`eqx_pmapstate.filters.WithTag`][].
+
+    Markers are generic in the type of their value, for annotations:
+    `weight: ParamState[PerDevice[Float[Array, "features"]]]`.
     """
 
-    value: Any
+    value: _Value
     tag: str | None = eqx.field(static=True, default=None)
 
 
-class ParamState(State):
+class ParamState(State[_Value]):
     """A trainable parameter."""
 
 
-class ShortTermState(State):
+class ShortTermState(State[_Value]):
     """A state that changes from step to step: hidden states, counters."""
 
 
-class LongTermState(State):
+class LongTermState(State[_Value]):
     """A state kept over many steps: running statistics, moving averages."""
 
 
-class NonBatchState(State):
+class NonBatchState(State[_Value]):
     """A state that is the same on every device or ensemble member.
 
     It is always replicated (axis `None`), whatever `state_out_axes` says; the library

@@ -16,8 +16,10 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jaxtyping import Array, Float, Int  # noqa: E402
 
 import eqx_pmapstate as ep  # noqa: E402
+from eqx_pmapstate import PerDevice  # noqa: E402
 from eqx_pmapstate.filters import OfType  # noqa: E402
 
 
@@ -25,8 +27,10 @@ n = jax.local_device_count()
 
 
 # 1. Basic parallel initialisation: one counter per device.
+# `PerDevice[...]` says what `pmap2_new_states` returns: the array with a device axis
+# (inside a mapped function, the same annotation is the one device's view).
 class ParallelCounter(eqx.Module):
-    count: ep.ShortTermState | None = None
+    count: ep.ShortTermState[PerDevice[Int[Array, ""]]] | None = None
 
     def init_state(self):
         return ParallelCounter(ep.ShortTermState(jnp.array(0)))
@@ -40,8 +44,8 @@ print(ep.describe(module), end="\n\n")
 
 # 2. Parameters laid out along the device axis.
 class ParallelModel(eqx.Module):
-    weight: ep.ParamState | None = None
-    bias: ep.ParamState | None = None
+    weight: ep.ParamState[PerDevice[Float[Array, " features"]]] | None = None
+    bias: ep.ParamState[PerDevice[Float[Array, " features"]]] | None = None
 
     def init_state(self, layer_size):
         return ParallelModel(
@@ -65,8 +69,8 @@ print(ep.describe(model), end="\n\n")
 
 # 3. Mixed: a per-device state beside a replicated one.
 class MixedParallelModule(eqx.Module):
-    local_state: ep.ShortTermState | None = None
-    global_config: ep.NonBatchState | None = None
+    local_state: ep.ShortTermState[PerDevice[Int[Array, ""]]] | None = None
+    global_config: ep.NonBatchState[Float[Array, "3"]] | None = None  # replicated
 
     def init_state(self):
         return MixedParallelModule(

@@ -3,8 +3,8 @@
 The parameters and the optimizer state are replicated, each device gets its own shard of
 every batch, gradients are averaged with `jax.lax.pmean`, and each device keeps a state of
 its own across steps (how many samples it has seen). `pmap2` keeps every leaf where
-`pmap2_new_states` put it, step after step, and checks at run time that the replicated
-parameters really stay the same on every device.
+`pmap2_new_states` put it, step after step, and proves when it traces the step that the
+replicated parameters stay the same on every device.
 
 Run: `.venv/bin/python examples/train_data_parallel.py` (on a machine with one CPU it
 makes 8 CPU devices itself).
@@ -22,6 +22,7 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from jaxtyping import Array, Int  # noqa: E402
 
 import eqx_pmapstate as ep  # noqa: E402
 from eqx_pmapstate.filters import OfType  # noqa: E402
@@ -32,7 +33,8 @@ AXIS = "devices"
 
 class Regressor(eqx.Module):
     mlp: eqx.nn.MLP
-    seen: ep.ShortTermState  # per device: how many samples this device has trained on
+    # Per device: how many samples this device has trained on.
+    seen: ep.ShortTermState[ep.PerDevice[Int[Array, ""]]]
 
     def __call__(self, x):
         return jax.vmap(self.mlp)(x)[:, 0]
