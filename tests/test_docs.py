@@ -42,15 +42,10 @@ PAGES = ["index.md"] + sorted(
 PROMOTION = {"tutorials/training.md": "standard"}
 
 # The errors that `.xfail` blocks may raise: substrings of their messages.
-KNOWN_ISSUES = {
-    # `eqx.nn.BatchNorm(mode="ema")` inside `pmap2`: `eqx.nn.State.set` compares the
-    # per-device state (typed varying over the device axis in pmap2's traces) with a new,
-    # invariant value.
-    "bn-ema": "Old and new values have different structures/shapes/dtypes",
-    # `eqx.nn.BatchNorm(mode="batch", axis_name=("batch", "devices"))` inside `pmap2`: a
-    # collective over a vmap axis and a device axis at once is refused by JAX's
-    # `check_vma=True` tracing, which pmap2 uses to decide layouts.
-    "bn-batch": "can only accept axis_name which corresponds to one of varying",
+KNOWN_ISSUES: dict[str, str] = {
+    # None at present. (The two BatchNorm issues once listed here, a collective over a
+    # vmap axis and the device axis at once, and `mode="ema"`, were JAX's varying-axis
+    # typing, which pmap2 no longer traces with.)
 }
 
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})\s*(?P<info>[^`]*?)\s*$")
