@@ -56,6 +56,7 @@ test:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
 
 # Job 1: the oldest supported set, exactly as constraints/oldest.txt pins it, on Python 3.11.
 test-oldest: $(STAMP)

@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 import eqx_pmapstate as ep
 
@@ -25,10 +25,12 @@ def assert_laid_out(x, axis, n=N, name="devices", devices=None):
     assert isinstance(x, jax.Array)
     s = x.sharding
     assert isinstance(s, NamedSharding)
-    assert s.mesh.axis_names == (name,)
-    assert s.mesh.devices.shape == (n,)
+    mesh = s.mesh
+    assert isinstance(mesh, Mesh)  # a concrete mesh, not an AbstractMesh
+    assert mesh.axis_names == (name,)
+    assert mesh.devices.shape == (n,)
     if devices is not None:
-        assert list(s.mesh.devices.ravel()) == list(devices)
+        assert list(mesh.devices.ravel()) == list(devices)
     if axis is None:
         assert _spec(x) == ()
         assert s.is_fully_replicated
@@ -69,6 +71,7 @@ class ParallelModel(eqx.Module):
         )
 
     def __call__(self, x):
+        assert self.weight is not None and self.bias is not None  # set by init_state
         return (
             x * self.weight.value[None] + self.bias.value[None]
         )  # x: (batch, features)

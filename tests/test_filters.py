@@ -384,6 +384,6 @@ def test_different_filters_are_not_equal():
     assert Everything() != Nothing()
     assert OfType(ep.ParamState) != WithTag("ParamState")
     assert (
-        len({OfType(ep.ParamState), OfType(ep.ShortTermState), OfType(ep.ParamState)})
+        len({OfType(ep.ParamState), OfType(ep.ShortTermState), OfType(ep.ParamState)})  # pyright: ignore[reportUnhashable]  # Equinox's dataclass_transform omits frozen_default, so pyright thinks Modules unhashable
         == 2
     )

@@ -30,6 +30,7 @@ class MemberModel(eqx.Module):
         )
 
     def __call__(self, x):
+        assert self.weight is not None and self.bias is not None  # set by init_state
         return (
             jnp.tanh(x * self.weight.value[None]) + self.bias.value[None]
         )  # x: (batch, features)
@@ -203,7 +204,7 @@ def test_state_tag(leaks):
 
 def test_bad_behavior():
     with pytest.raises((ValueError, TypeError)) as e:
-        ep.Map(ParallelModel(), init_map_size=N, behavior="jit")
+        ep.Map(ParallelModel(), init_map_size=N, behavior="jit")  # pyright: ignore[reportArgumentType]  # deliberately invalid
     assert "behavior" in str(e.value) and "'jit'" in str(e.value)
     if ours(e.value):
         assert isinstance(e.value, ValueError)

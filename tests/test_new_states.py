@@ -40,6 +40,7 @@ class Outer(eqx.Module):
 
     def init_state(self, scale):
         # innermost first: the submodule is already initialised here
+        assert self.inner.h is not None
         new = ep.LongTermState(self.inner.h.value * scale)
         return eqx.tree_at(lambda m: m.extra, self, new, is_leaf=lambda x: x is None)
 
@@ -66,6 +67,7 @@ def test_only_a_submodule_defines_init_state(leaks):
     out = ep.pmap2_new_states(Wrapper(Inner()), {"size": 2})
     assert isinstance(out, Wrapper)
     assert out.label == "w"
+    assert out.inner.h is not None
     assert out.inner.h.value.shape == (N, 2)
     assert_laid_out(out.inner.h.value, 0)
     np.testing.assert_array_equal(

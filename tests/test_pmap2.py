@@ -879,11 +879,11 @@ def test_a_repeated_call_does_not_trace_again(leaks):
 def test_bad_donate():
     msg = r"`donate` must be 'all', 'all-except-first' or 'none', but got 'bad'"
     with pytest.raises(ValueError, match=msg):
-        ep.pmap2(lambda x: x, donate="bad")
+        ep.pmap2(lambda x: x, donate="bad")  # pyright: ignore[reportArgumentType]  # deliberately invalid
 
     with pytest.raises(ValueError, match=msg):
 
-        @ep.pmap2(donate="bad")
+        @ep.pmap2(donate="bad")  # pyright: ignore[reportArgumentType]  # deliberately invalid
         def f(x):
             return x
 

@@ -103,4 +103,4 @@ def test_runtime_check_raises_replication_error_itself():
     with pytest.raises(
         ValueError, match=r"`check_replicated` must be True, .* but got 'yes'"
     ):
-        ep.pmap2(fine, check_replicated="yes")
+        ep.pmap2(fine, check_replicated="yes")  # pyright: ignore[reportArgumentType]  # deliberately invalid

@@ -6,7 +6,8 @@ steps that keep the layout."""
 
 import re
 import warnings
-from typing import Any as AnyType, NamedTuple
+from collections.abc import Iterator
+from typing import Any as AnyType, cast, NamedTuple
 
 import equinox as eqx
 import jax
@@ -16,12 +17,13 @@ import numpy as np
 import pytest
 from helpers import assert_laid_out, N
 from hypothesis import assume, event, given, HealthCheck, settings, strategies as st
+from jax.sharding import NamedSharding
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import Everything, OfType, PathContains, WithTag
 
 
-SETTINGS = dict(
+SETTINGS: dict[str, AnyType] = dict(
     deadline=None,
     derandomize=True,
     database=None,
@@ -209,7 +211,7 @@ def _children(node):
     return []
 
 
-def _states(node, path=(), ancestors=()):
+def _states(node, path=(), ancestors=()) -> Iterator[dict[str, AnyType]]:
     """Each state as a dict: path, marker class (None for a bare array), tag, the
     classes of the objects that enclose it, and its own `(path, arr node)` leaves."""
     kind = node[0]
@@ -406,7 +408,9 @@ def _paths_named(msg):
     return set(re.findall(r"<root>|(?:\.\w+|\[[^\]]*\])+", msg))
 
 
-def _call(fn, *args, **kwargs):
+def _call(
+    fn, *args, **kwargs
+) -> tuple[AnyType, ValueError | TypeError | None, list[warnings.WarningMessage]]:
     """Calls `fn`, returning `(result or None, exception or None, warnings)`."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -609,17 +613,22 @@ def test_pmap2_steps_keep_the_layout(case):
     build = _builder(tree, _vary(expected), "devices")
     out, err, _ = _call(ep.pmap2_new_states, build, state_out_axes=written)
     assert err is None, err
-    layout = {p: (x.shape, x.sharding.spec) for p, x in _arrays_of(out).items()}
+    layout = {p: (x.shape, _spec_of(x)) for p, x in _arrays_of(out).items()}
     for k in range(1, 4):
         out = _step(out)
         arrays = _arrays_of(out)
-        assert {p: (x.shape, x.sharding.spec) for p, x in arrays.items()} == layout
+        assert {p: (x.shape, _spec_of(x)) for p, x in arrays.items()} == layout
         for p, (pos, leaf, varies) in expected.positions.items():
             assert_laid_out(arrays[p], pos)
             want = _expected_value(leaf, pos, varies, N)
             want = want ^ bool(k % 2) if want.dtype == np.bool_ else want + k
             _check_values(arrays[p], want)
     _check_statics(out, tree)
+
+
+def _spec_of(x: jax.Array):
+    # The arrays that pmap2_new_states and pmap2 return lie on a mesh.
+    return cast(NamedSharding, x.sharding).spec
 
 
 def _arrays_of(tree):

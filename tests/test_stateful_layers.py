@@ -72,6 +72,7 @@ def test_make_with_state_model_replicated_state_per_device(leaks):
         assert_laid_out(x, 0)
         for i in range(N):
             np.testing.assert_array_equal(np.asarray(x)[i], np.asarray(r))
+    assert model.bn.batch_state_index is not None and model.bn.batch_counter is not None
     mean, var = state.get(model.bn.batch_state_index)
     assert mean.shape == (N, 4) and var.shape == (N, 4)
     assert state.get(model.bn.batch_counter).shape == (N,)

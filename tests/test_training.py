@@ -16,6 +16,7 @@ import eqx_pmapstate as ep
 
 _path = pathlib.Path(__file__).parents[1] / "examples" / "train_data_parallel.py"
 _spec = importlib.util.spec_from_file_location("train_data_parallel", _path)
+assert _spec is not None and _spec.loader is not None
 example = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(example)
 

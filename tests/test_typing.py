@@ -31,9 +31,9 @@ def test_outside_a_mapped_function_the_device_axis_is_there():
 
 
 def test_another_name_or_position_of_the_device_axis():
-    last = PerDevice[Float[Array, "3 4"], "devices", -1]
-    middle = PerDevice[Float[Array, "3 4"], "devices", 1]
-    members = PerDevice[Float[Array, "3"], "members"]
+    last = PerDevice[Float[Array, "3 4"], "devices", -1]  # pyright: ignore[reportInvalidTypeForm, reportUndefinedVariable]  # runtime-only form: statically PerDevice takes one argument
+    middle = PerDevice[Float[Array, "3 4"], "devices", 1]  # pyright: ignore[reportInvalidTypeForm, reportUndefinedVariable]  # runtime-only form: statically PerDevice takes one argument
+    members = PerDevice[Float[Array, "3"], "members"]  # pyright: ignore[reportInvalidTypeForm]  # runtime-only form: statically PerDevice takes one argument
     assert isinstance(jnp.ones((3, 4, N)), last)
     assert not isinstance(jnp.ones((N, 3, 4)), last)
     assert isinstance(jnp.ones((3, N, 4)), middle)
@@ -45,9 +45,9 @@ def test_bad_uses_are_clear_errors():
     with pytest.raises(TypeError, match="jaxtyping array annotation"):
         PerDevice[int]
     with pytest.raises(TypeError, match="out of range"):
-        PerDevice[Float[Array, "3"], "devices", 3]
+        PerDevice[Float[Array, "3"], "devices", 3]  # pyright: ignore[reportInvalidTypeForm, reportUndefinedVariable]  # runtime-only form: statically PerDevice takes one argument
     with pytest.raises(TypeError, match="variadic"):
-        PerDevice[Float[Array, "*batch 3"], "devices", 1]
+        PerDevice[Float[Array, "*batch 3"], "devices", 1]  # pyright: ignore[reportInvalidTypeForm, reportUndefinedVariable]  # runtime-only form: statically PerDevice takes one argument
     assert isinstance(jnp.ones((N, 2, 3)), PerDevice[Float[Array, "*batch 3"]])
 
 

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -92,7 +93,7 @@ def test_in_axes_prefix_on_linear_without_bias(leaks):
     apply = ep.pmap2(lambda lin, x: jax.vmap(lin)(x), in_axes=(None, 0))
     x = np.arange(N * 4 * 3, dtype=np.float32).reshape(N, 4, 3)
     out = apply(lin, x)
-    expected = jax.vmap(jax.vmap(lin))(x)
+    expected = jax.vmap(jax.vmap(lin))(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
 
 
@@ -220,7 +221,7 @@ class BNNet(eqx.Module):
     linear: eqx.nn.Linear
     norm: eqx.nn.BatchNorm
 
-    def __init__(self, key, mode="batch"):
+    def __init__(self, key, mode: Literal["batch", "ema"] = "batch"):
         self.linear = eqx.nn.Linear(3, 4, key=key)
         self.norm = eqx.nn.BatchNorm(4, axis_name=("batch", "devices"), mode=mode)
 
@@ -509,6 +510,7 @@ class Affine(eqx.Module):
         return Affine(ep.ParamState(jnp.full(2, 2.0)))
 
     def __call__(self, x, y):
+        assert self.w is not None  # set by init_state
         return x * self.w.value + y
 
 
@@ -528,7 +530,7 @@ def test_map_in_axes_is_per_argument(behavior, leaks):
 def test_map_size_is_checked_at_construction():
     # (Under jaxtyping's import hook, beartype names the parameter and the value first.)
     with pytest.raises(TypeError, match=r"(?s)init_map_size.*2\.5"):
-        ep.Map(Affine(), init_map_size=2.5)
+        ep.Map(Affine(), init_map_size=2.5)  # pyright: ignore[reportArgumentType]  # deliberately invalid
 
 
 @pytest.mark.parametrize("behavior", ["pmap", "vmap"])
