@@ -2,14 +2,17 @@
 
 from . import filters as filters
 from ._cache import clear_caches as clear_caches
+from ._checkpoint import load as load, save as save
 from ._describe import (
     axes_of as axes_of,
     describe as describe,
     states_by_axis as states_by_axis,
 )
+from ._distributed import initialize as initialize_distributed
 from ._engine import ReplicationError as ReplicationError
 from ._map import Map as Map
 from ._new_states import (
+    eval_new_states as eval_new_states,
     pmap2_new_states as pmap2_new_states,
     vmap2_new_states as vmap2_new_states,
 )

@@ -73,7 +73,10 @@ class Compiled:
     `("static", obj, None)` for a non-array leaf.
     """
 
-    def __init__(self, treedef, plan, run, consts, in_shardings, checked_paths):
+    def __init__(
+        self, treedef, plan, run, consts, in_shardings, checked_paths, structs
+    ):
+        self.structs = structs  # per plan entry: the global `ShapeDtypeStruct`, or None
         self.run = run  # the jitted program, over `(*consts, *dynamic inputs)`
         self.in_shardings = in_shardings  # per input, or None (no placement)
         self.consts = consts  # per jaxpr constant, a callable returning it
@@ -97,8 +100,7 @@ class Compiled:
         if self.in_shardings is None:
             return list(dyn)
         return [
-            x if _placed(x, s) else jax.device_put(x, s)
-            for x, s in zip(dyn, self.in_shardings)
+            x if _placed(x, s) else _put(x, s) for x, s in zip(dyn, self.in_shardings)
         ]
 
     def __call__(self, dyn: Sequence) -> tuple[Any, Any]:
@@ -120,6 +122,19 @@ class Compiled:
             leaves[i] = jax.device_put(np.zeros(shape, dtype), sharding)
         return self.treedef.unflatten(leaves)
 
+    def abstract(self, dyn: Sequence):
+        """The output tree with every array replaced by its `jax.ShapeDtypeStruct`
+        (global shape, dtype, sharding), without running anything."""
+        leaves = []
+        for (kind, value, _), struct in zip(self.plan, self.structs):
+            if kind == "pass":
+                x = dyn[value]
+                struct = jax.ShapeDtypeStruct(
+                    np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)
+                )
+            leaves.append(value if kind == "static" else struct)
+        return self.treedef.unflatten(leaves)
+
     def mismatched(self, flags) -> list[str]:
         """The paths of the checked outputs whose flag is set (waits for the flags)."""
         bad = np.asarray(flags)
@@ -138,27 +153,50 @@ def _global_shape(shape, axis, n: int) -> tuple:
     )
 
 
-def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int) -> tuple:
-    """The output plan (see `Compiled`), and the program's outputs `(k, axis)`."""
+def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int):
+    """The output plan (see `Compiled`), the program's outputs `(k, axis)`, and per plan
+    entry the global `ShapeDtypeStruct` of an array made (else None)."""
     by_leaf = {flat_i: k for k, flat_i in enumerate(traced.arrays)}
     avals = traced.jaxpr.out_avals
-    plan, outputs = [], []
+    plan, outputs, structs = [], [], []
     for flat_i, static in enumerate(traced.statics):
         k = by_leaf.get(flat_i)
+        axis = None if k is None else layout.axes[k]
+        struct = None
         if k is None:
             plan.append(("static", static, None))
-            continue
-        axis = layout.axes[k]
-        if isinstance(axis, Pass):
+        elif isinstance(axis, Pass):
             plan.append(("pass", axis.input, None))
-        elif _is_empty(avals[k]):
+        else:
             sharding = NamedSharding(mesh, axis_spec(axis_name, axis)) if mesh else None
             shape = _global_shape(avals[k].shape, axis, n)
-            plan.append(("empty", (shape, avals[k].dtype, sharding), axis))
-        else:
-            plan.append(("array", len(outputs), axis))
-            outputs.append((k, axis))
-    return tuple(plan), outputs
+            struct = jax.ShapeDtypeStruct(shape, avals[k].dtype, sharding=sharding)
+            if _is_empty(avals[k]):
+                plan.append(("empty", (shape, avals[k].dtype, sharding), axis))
+            else:
+                plan.append(("array", len(outputs), axis))
+                outputs.append((k, axis))
+        structs.append(struct)
+    return tuple(plan), outputs, tuple(structs)
+
+
+def _put(x, sharding):
+    """`x` laid out as `sharding`. With several processes, a host array becomes one
+    global array from every process's copy: replicated, the copies must be equal (else
+    each process would hold its own value under a replicated label), which is checked."""
+    if (
+        jax.process_count() > 1
+        and not isinstance(x, jax.Array)
+        and sharding.is_fully_replicated
+    ):
+        from jax.experimental import multihost_utils
+
+        multihost_utils.assert_equal(
+            x,
+            "An input to be replicated differs between the processes: pass the same "
+            "value on every process (for example the same key), or lay it out yourself.",
+        )
+    return jax.device_put(x, sharding)
 
 
 def _placed(x, sharding) -> bool:
@@ -209,7 +247,7 @@ def build(
     may be cached."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
-    plan, outputs = _plan(traced, layout, mesh, axis_name, axis_size)
+    plan, outputs, structs = _plan(traced, layout, mesh, axis_name, axis_size)
     jaxpr = hoist_consts(closed)  # holds no constant: they are inputs
     checked = [k for k, _ in outputs if k in layout.checked]
     n_consts = len(closed.consts)
@@ -226,7 +264,9 @@ def build(
         )
         in_shardings = None
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)
-    compiled = Compiled(traced.treedef, plan, run, consts, in_shardings, checked_paths)
+    compiled = Compiled(
+        traced.treedef, plan, run, consts, in_shardings, checked_paths, structs
+    )
     return compiled, cacheable
 
 

@@ -86,14 +86,19 @@ def step_layout(
 
 
 def new_states_layout(
-    leaves: Sequence[OutLeaf], wanted: Sequence, held: Mapping[tuple, int]
+    leaves: Sequence[OutLeaf],
+    wanted: Sequence,
+    held: Mapping[tuple, int],
+    check_every_replicated: bool = False,
 ) -> Layout:
     """The layout of the states made by `pmap2_new_states` / `vmap2_new_states`.
 
     `held` maps the path of each leaf the module held before initialisation to its input
     number: it must come back unchanged (and is handed back as it is). Every other leaf
     goes to the axis its filters chose (`wanted`, as written); a replicated one that is
-    not proved the same everywhere is checked when it is made.
+    not proved the same everywhere is checked when it is made, and so is every replicated
+    one with `check_every_replicated` (with several processes, whose host inputs the
+    proof cannot see are the same).
     """
     axes, checked = [], set()
     at = {leaf.path: k for k, leaf in enumerate(leaves)}
@@ -111,7 +116,7 @@ def new_states_layout(
             axes.append(Pass(held[leaf.path]))
             continue
         axis = normalize_axis(want, leaf.ndim, leaf.path)
-        if axis is None and leaf.varying:
+        if axis is None and (leaf.varying or check_every_replicated):
             checked.add(k)
         axes.append(axis)
     return Layout(tuple(axes), frozenset(checked))

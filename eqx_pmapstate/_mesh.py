@@ -24,6 +24,11 @@ def check_axis_size(axis_size, what: str = "axis_size") -> None:
 def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
     """The one-dimensional mesh named `axis_name` to lay states out on, and its size.
 
+    By default it takes `axis_size` (default: all) of the local devices of every process:
+    with one process, the local devices; with several (`jax.distributed`), the same number
+    from each, in process order, so that the axis spans every process's devices and its
+    length is the process count times `axis_size`.
+
     Meshes are cached by their devices and name, so that repeated calls give the very
     same `Mesh` object and `jax.jit`'s caches keyed on shardings keep hitting.
     """
@@ -32,40 +37,11 @@ def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
     if axis_size is not None:
         check_axis_size(axis_size)
     if isinstance(devices, Mesh):
-        if axis_name not in devices.axis_names:
-            raise ValueError(
-                f"The mesh passed as `devices` has axes {devices.axis_names}, but no axis named "
-                f"{axis_name!r}. Pass `axis_name=` one of its axes, or build the mesh with that name."
-            )
-        n = devices.shape[axis_name]
-        if axis_size is not None and axis_size != n:
-            raise ValueError(
-                f"`axis_size={axis_size}` does not match the mesh, whose axis {axis_name!r} has "
-                f"{n} devices. Leave `axis_size` out, or pass a mesh of that size."
-            )
-        return devices, n
+        return _given_mesh(devices, axis_size, axis_name)
     if devices is None:
-        pool = jax.local_devices()
-        where = "local devices (jax.local_device_count())"
+        chosen = _default_devices(axis_size)
     else:
-        if not isinstance(devices, Sequence) or not all(
-            isinstance(d, jax.Device) for d in devices
-        ):
-            raise TypeError(
-                "`devices` must be a sequence of `jax.Device`s or a `jax.sharding.Mesh`."
-            )
-        pool = list(devices)
-        where = "devices in `devices`"
-        if len({d.id for d in pool}) != len(pool):
-            raise ValueError("`devices` names the same device more than once.")
-    n = len(pool) if axis_size is None else int(axis_size)
-    if n > len(pool):
-        raise ValueError(
-            f"`axis_size={n}` is larger than the number of {where}, which is {len(pool)}. "
-            f"Use an axis_size of at most {len(pool)}, or `vmap2_new_states` to stack more "
-            "members than there are devices."
-        )
-    chosen = tuple(pool[:n])
+        chosen = _chosen_devices(devices, axis_size)
     key = (tuple(d.id for d in chosen), axis_name)
     with _lock:
         mesh = _meshes.get(key)
@@ -76,7 +52,59 @@ def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
                 axis_types=(jax.sharding.AxisType.Auto,),
             )
             _meshes[key] = mesh
+    return mesh, len(chosen)
+
+
+def _given_mesh(mesh: Mesh, axis_size, axis_name: str) -> tuple[Mesh, int]:
+    if axis_name not in mesh.axis_names:
+        raise ValueError(
+            f"The mesh passed as `devices` has axes {mesh.axis_names}, but no axis named "
+            f"{axis_name!r}. Pass `axis_name=` one of its axes, or build the mesh with that name."
+        )
+    n = mesh.shape[axis_name]
+    if axis_size is not None and axis_size != n:
+        raise ValueError(
+            f"`axis_size={axis_size}` does not match the mesh, whose axis {axis_name!r} has "
+            f"{n} devices. Leave `axis_size` out, or pass a mesh of that size."
+        )
     return mesh, n
+
+
+def _too_many(n: int, where: str, available: int) -> ValueError:
+    return ValueError(
+        f"`axis_size={n}` is larger than the number of {where}, which is {available}. "
+        f"Use an axis_size of at most {available}, or `vmap2_new_states` to stack more "
+        "members than there are devices."
+    )
+
+
+def _default_devices(axis_size) -> tuple:
+    local = jax.local_devices()
+    n = len(local) if axis_size is None else int(axis_size)
+    if n > len(local):
+        raise _too_many(n, "local devices (jax.local_device_count())", len(local))
+    if jax.process_count() == 1:
+        return tuple(local[:n])
+    by_process: dict = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    return tuple(d for p in sorted(by_process) for d in by_process[p][:n])
+
+
+def _chosen_devices(devices, axis_size) -> tuple:
+    if not isinstance(devices, Sequence) or not all(
+        isinstance(d, jax.Device) for d in devices
+    ):
+        raise TypeError(
+            "`devices` must be a sequence of `jax.Device`s or a `jax.sharding.Mesh`."
+        )
+    pool = list(devices)
+    if len({d.id for d in pool}) != len(pool):
+        raise ValueError("`devices` names the same device more than once.")
+    n = len(pool) if axis_size is None else int(axis_size)
+    if n > len(pool):
+        raise _too_many(n, "devices in `devices`", len(pool))
+    return tuple(pool[:n])
 
 
 def axis_spec(axis_name, axis: int | None, ndim: int | None = None) -> P:

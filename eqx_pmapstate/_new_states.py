@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
+import jax
 import jax.tree_util as jtu
 from jax.sharding import Mesh
 
@@ -326,7 +327,8 @@ def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
             traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
         )
     ]
-    layout = new_states_layout(leaves, wanted, inputs.held)
+    several = mesh is not None and jax.process_count() > 1
+    layout = new_states_layout(leaves, wanted, inputs.held, several)
     compiled, cacheable = _engine.build(
         traced,
         layout,
@@ -352,7 +354,8 @@ def _raise_if_differ(compiled, flags) -> None:
     if bad:
         raise ValueError(
             f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "
-            "values differ between devices (or ensemble members). A replicated state must "
+            "values differ between devices (or ensemble members, or processes). A "
+            "replicated state must "
             "be the same everywhere: create it from replicated inputs only, or give it a "
             "device axis in `state_out_axes` (and do not mark it `NonBatchState`)."
         )
@@ -378,6 +381,7 @@ def _new_states(
     mesh: Mesh | None,
     axis_name,
     what: str,
+    run: bool = True,
 ):
     _refuse_nesting(what)
     init_form = _is_init_form(module, what)
@@ -401,6 +405,8 @@ def _new_states(
         ),
     )
     warn_unmatched(spec, list(matched))
+    if not run:
+        return compiled.abstract(inputs.dyn)
     out, flags = compiled(inputs.dyn)
     if flags is not None:
         _raise_if_differ(compiled, flags)
@@ -485,6 +491,49 @@ def pmap2_new_states(
         mesh=mesh,
         axis_name=axis_name,
         what="pmap2_new_states",
+    )
+
+
+def eval_new_states(
+    module: eqx.Module | Callable[..., Any],
+    init_kwargs: dict[str, Any] | None = None,
+    state_tag: str | None = None,
+    axis_size: int | None = None,
+    state_out_axes: Any = None,
+    *,
+    axis_name: str = "devices",
+    devices: Sequence[Any] | Mesh | None = None,
+    init_in_axes: dict[str, Any] | None = None,
+):
+    """The layout [`eqx_pmapstate.pmap2_new_states`][] would make, without making it: the
+    same arguments, and the initialisation is traced but nothing is compiled or run.
+
+    Useful as `like` for [`eqx_pmapstate.load`][] and Orbax when resuming training: the
+    states are read straight into their layout, and no state is ever made only to be
+    replaced.
+
+    **Arguments:**
+
+    As for `pmap2_new_states`.
+
+    **Returns:**
+
+    The new tree with every new array replaced by a `jax.ShapeDtypeStruct` with its global
+    shape, dtype and sharding (the leaves a module held come back as structs of
+    themselves), and everything else as `pmap2_new_states` would return it.
+    """
+    mesh, n = resolve_mesh(axis_size, devices, axis_name)
+    return _new_states(
+        module,
+        init_kwargs,
+        state_tag,
+        state_out_axes,
+        init_in_axes,
+        n=n,
+        mesh=mesh,
+        axis_name=axis_name,
+        what="eval_new_states",
+        run=False,
     )
 
 

@@ -1,0 +1,246 @@
+"""Checkpoints that restore straight into the layout: `save` and `load`.
+
+With Orbax (`orbax-checkpoint`, the `checkpoint` extra) a checkpoint is a directory, and
+every process writes and reads only its own shards: loading creates each array with its
+final sharding. Without it, `equinox.tree_serialise_leaves` writes one file, and loading
+reads each array on the host and puts it straight into its sharding (never whole on one
+device). Orbax is required with several processes. Only arrays are stored; everything
+else (static fields, functions, the tree's structure) comes from `like` when loading.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._relayout import abstract
+from ._tree import keystr
+
+
+Backend = Literal["auto", "orbax", "equinox"]
+
+
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        return None
+    return ocp
+
+
+def _backend(path, backend: Backend, saving: bool) -> str:
+    if backend not in ("auto", "orbax", "equinox"):
+        raise ValueError(
+            f"`backend` must be 'auto', 'orbax' or 'equinox', but got {backend!r}."
+        )
+    if backend == "auto":
+        if saving:
+            backend = "orbax" if _orbax() is not None else "equinox"
+        else:
+            backend = "orbax" if pathlib.Path(path).is_dir() else "equinox"
+    if backend == "orbax" and _orbax() is None:
+        raise ImportError(
+            "Orbax is not installed: `pip install orbax-checkpoint` (or the "
+            "`eqx_pmapstate[checkpoint]` extra), or pass `backend='equinox'`."
+        )
+    if backend == "equinox" and jax.process_count() > 1:
+        raise ValueError(
+            "With several processes, checkpoints need Orbax, which writes and reads each "
+            "process's shards: install `orbax-checkpoint` and use `backend='orbax'` "
+            "(the default when it is installed)."
+        )
+    return backend
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    )
+
+
+def _stored(x):
+    """An array as stored: PRNG keys as their raw data."""
+    return jax.random.key_data(x) if _is_key(x) else x
+
+
+def _stored_like(x):
+    """What an array of `like` is read as (for keys: the shape of their raw data)."""
+    if not _is_key(x):
+        return x
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+
+
+def _restored(value, like):
+    if not _is_key(like):
+        return value
+    return jax.random.wrap_key_data(value, impl=_key_impl(like))
+
+
+def _key_impl(like):
+    """The PRNG implementation of a key array, or of a struct of one (found by the dtype
+    of a key made with each of JAX's implementations)."""
+    if isinstance(like, jax.Array):
+        return jax.random.key_impl(like)
+    for name in ("threefry2x32", "rbg", "unsafe_rbg"):
+        made = jax.eval_shape(lambda name=name: jax.random.key(0, impl=name))
+        if made.dtype == like.dtype:
+            return name
+    raise TypeError(
+        f"Cannot tell the PRNG implementation of keys of dtype {like.dtype}."
+    )
+
+
+def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> None:
+    """Writes the arrays of `tree` to `path`.
+
+    **Arguments:**
+
+    - `path`: where to write: a directory with Orbax (which must not exist yet), a file
+        with Equinox's serialisation.
+    - `tree`: any pytree, typically a model made by `pmap2_new_states` or a training
+        state. Its arrays are written with their values; the rest is not stored.
+    - `backend`: `"orbax"`, `"equinox"`, or `"auto"` (Orbax when it is installed).
+
+    **Returns:**
+
+    Nothing. With Orbax, the checkpoint is complete (committed) when `save` returns.
+    """
+    kind = _backend(path, backend, saving=True)
+    arrays = jtu.tree_map(_stored, eqx.filter(tree, eqx.is_array))
+    if kind == "orbax":
+        ocp = _orbax()
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(os.fspath(path)), arrays)
+        checkpointer.wait_until_finished()
+    else:
+        eqx.tree_serialise_leaves(path, arrays)
+
+
+def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> Any:
+    """Reads a checkpoint written by [`eqx_pmapstate.save`][] into the layout of `like`.
+
+    Every array is created directly with the sharding of its counterpart in `like`: with
+    Orbax, each process reads only its own shards; without it, each array is read on the
+    host and put straight into its sharding. The result can go into a `pmap2` step as
+    `like` would.
+
+    **Arguments:**
+
+    - `path`: the checkpoint.
+    - `like`: a tree laid out as wanted: the model as `pmap2_new_states` made it, or
+        [`eqx_pmapstate.abstract`][] of it, or
+        [`eqx_pmapstate.eval_new_states`][] (nothing is computed to get it). Static
+        fields and the tree's structure come from it.
+    - `backend`: `"orbax"`, `"equinox"`, or `"auto"` (from what `path` is).
+
+    **Returns:**
+
+    `like` with its arrays read from `path`.
+
+    **Raises:**
+
+    `ValueError` naming the leaves whose shape or dtype on disk differs from `like`'s (a
+    checkpoint made for another number of devices has another device axis length).
+    """
+    kind = _backend(path, backend, saving=False)
+    like_arrays = eqx.filter(like, _is_array_or_struct)
+    target = jtu.tree_map(_stored_like, abstract(like_arrays))
+    if kind == "orbax":
+        arrays = _load_orbax(path, target)
+    else:
+        arrays = _load_equinox(path, target)
+    arrays = jtu.tree_map(_restored, arrays, like_arrays)
+    return eqx.combine(arrays, eqx.filter(like, _is_array_or_struct, inverse=True))
+
+
+def _is_array_or_struct(x) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _load_orbax(path, target):
+    ocp = _orbax()
+    checkpointer = ocp.StandardCheckpointer()
+    path = os.path.abspath(os.fspath(path))
+    _check_orbax_shapes(checkpointer, path, target)
+    return checkpointer.restore(path, target)
+
+
+def _names(path) -> tuple:
+    """A key path as plain names, the way Orbax's metadata spells it."""
+    out = []
+    for k in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+    return tuple(out)
+
+
+def _check_orbax_shapes(checkpointer, path, target) -> None:
+    """Names the leaves whose stored shape or dtype differs from `target` (Orbax's own
+    error gives the shapes only). Leaves it cannot pair up are left to Orbax."""
+    try:
+        stored = checkpointer.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+        stored = getattr(stored, "tree", stored)
+        on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(stored)[0]}
+    except Exception:  # noqa: BLE001  (another layout of the metadata: Orbax checks)
+        return
+    bad = []
+    for p, x in jtu.tree_flatten_with_path(target)[0]:
+        m = on_disk.get(_names(p))
+        if m is not None and hasattr(m, "shape"):
+            bad.append(_mismatch(p, tuple(m.shape), getattr(m, "dtype", None), x))
+    _raise_mismatches([b for b in bad if b])
+
+
+def _load_equinox(path, target):
+    paths = iter([p for p, _ in jtu.tree_flatten_with_path(target)[0]])
+    bad: list[str] = []
+
+    def read(f, x):
+        if not isinstance(x, jax.ShapeDtypeStruct):
+            return eqx.default_deserialise_filter_spec(f, x)
+        value = np.load(f)
+        wrong = _mismatch(next(paths), value.shape, value.dtype, x)
+        if wrong:
+            bad.append(wrong)
+            return jax.ShapeDtypeStruct(x.shape, x.dtype)  # reported below
+        return jax.device_put(value, x.sharding)
+
+    try:
+        out = eqx.tree_deserialise_leaves(path, target, filter_spec=read)
+    except RuntimeError:
+        if bad:
+            _raise_mismatches(bad)
+        raise
+    _raise_mismatches(bad)
+    return out
+
+
+def _mismatch(path, shape, dtype, x) -> str | None:
+    if tuple(shape) == tuple(x.shape) and (dtype is None or np.dtype(dtype) == x.dtype):
+        return None
+    return (
+        f"{keystr(path)} ({np.dtype(dtype) if dtype is not None else '?'}{list(shape)} "
+        f"on disk, {x.dtype}{list(x.shape)} in `like`)"
+    )
+
+
+def _raise_mismatches(bad: list[str]) -> None:
+    if bad:
+        shown = "; ".join(bad[:6]) + (
+            f"; and {len(bad) - 6} more" if len(bad) > 6 else ""
+        )
+        raise ValueError(
+            f"The checkpoint does not fit `like`: {shown}. A checkpoint made for another "
+            "number of devices has another device axis length: load it with a `like` "
+            "made for that number, then `eqx_pmapstate.relayout` what can be re-laid out."
+        )
