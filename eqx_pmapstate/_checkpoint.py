@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
@@ -26,7 +27,8 @@ from ._tree import keystr
 Backend = Literal["auto", "orbax", "equinox"]
 
 
-def _orbax():
+def _orbax() -> Any:
+    """The `orbax.checkpoint` module, or None when Orbax is not installed."""
     try:
         import orbax.checkpoint as ocp
     except ImportError:
@@ -59,7 +61,7 @@ def _backend(path, backend: Backend, saving: bool) -> str:
 
 
 def _is_key(x) -> bool:
-    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jax.dtypes.issubdtype(
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and jnp.issubdtype(
         x.dtype, jax.dtypes.prng_key
     )
 
@@ -120,7 +122,7 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
         checkpointer.save(os.path.abspath(os.fspath(path)), arrays)
         checkpointer.wait_until_finished()
     else:
-        eqx.tree_serialise_leaves(path, arrays)
+        eqx.tree_serialise_leaves(pathlib.Path(path), arrays)
 
 
 def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> Any:
@@ -216,7 +218,7 @@ def _load_equinox(path, target):
         return jax.device_put(value, x.sharding)
 
     try:
-        out = eqx.tree_deserialise_leaves(path, target, filter_spec=read)
+        out = eqx.tree_deserialise_leaves(pathlib.Path(path), target, filter_spec=read)
     except RuntimeError:
         if bad:
             _raise_mismatches(bad)

@@ -47,7 +47,7 @@ def _step(model, x):
 
 def _same(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         assert np.array_equal(np.asarray(x), np.asarray(y))
         assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
