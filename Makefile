@@ -53,10 +53,11 @@ test:
 	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
 	echo "make test: all passed (lint, test-oldest, $(if $(filter-out none,$(NEWEST_PYTHON)),test-newest,test-newest SKIPPED), docs)"
 
+# pyright -p .: the settings of this pyproject.toml, whatever config a folder above holds.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright -p .
 
 # Job 1: the oldest supported set, exactly as constraints/oldest.txt pins it, on Python 3.11.
 test-oldest: $(STAMP)
