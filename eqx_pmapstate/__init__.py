@@ -8,7 +8,7 @@ from ._describe import (
     describe as describe,
     states_by_axis as states_by_axis,
 )
-from ._distributed import initialize as initialize_distributed
+from ._distributed import initialize_distributed as initialize_distributed
 from ._engine import ReplicationError as ReplicationError
 from ._map import Map as Map
 from ._new_states import (

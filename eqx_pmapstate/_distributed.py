@@ -118,7 +118,7 @@ def _exit_after(hook):
     return excepthook
 
 
-def initialize(
+def initialize_distributed(
     *,
     local_devices: int | None = None,
     heartbeat_timeout_seconds: int = 10,

@@ -181,22 +181,27 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int):
 
 
 def _put(x, sharding):
-    """`x` laid out as `sharding`. With several processes, a host array becomes one
-    global array from every process's copy: replicated, the copies must be equal (else
-    each process would hold its own value under a replicated label), which is checked."""
-    if (
-        jax.process_count() > 1
-        and not isinstance(x, jax.Array)
-        and sharding.is_fully_replicated
-    ):
+    """`x` laid out as `sharding`. With several processes, an array local to this
+    process (a host array, or one on this process's devices) becomes one global array
+    from every process's copy, each process giving the parts its devices hold; when it is
+    to be replicated, the copies must be equal (else each process would hold its own
+    value under a replicated label), which is checked."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if sharding.is_fully_replicated:
         from jax.experimental import multihost_utils
 
+        bits = jax.random.key_data(x) if _is_key(x) else x
         multihost_utils.assert_equal(
-            x,
+            np.asarray(bits),
             "An input to be replicated differs between the processes: pass the same "
             "value on every process (for example the same key), or lay it out yourself.",
         )
-    return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _placed(x, sharding) -> bool:
