@@ -448,8 +448,11 @@ def pmap2_new_states(
         broadcast to every device (or mapped, see `init_in_axes`); other values are
         static.
     - `state_tag`: written into the `tag` of every new marker that has none.
-    - `axis_size`: the number of devices; defaults to `jax.local_device_count()`, or to
-        the number of `devices`.
+    - `axis_size`: the number of devices of each process; defaults to
+        `jax.local_device_count()`, or to the number of `devices`. With several
+        processes (`jax.distributed`), the device axis spans every process's devices:
+        its length is the process count times `axis_size`, each process holds only its
+        own shards, and replicated states are checked to be the same on every process.
     - `state_out_axes`: which states go to which axis: `None` (every state on axis 0), a
         single filter (`{0: filter}`), or a dict from `int | None` to filters, in the
         language of [`eqx_pmapstate.filters.to_predicate`][]. A `NonBatchState` is always
@@ -460,7 +463,8 @@ def pmap2_new_states(
         result as `jnp.expand_dims` does, and `None` replicates it: the same value on every
         device, which is checked.
     - `axis_name`: the name of the mesh axis, usable in collectives inside the init.
-    - `devices`: a sequence of devices, or a `jax.sharding.Mesh` that has `axis_name`.
+    - `devices`: a sequence of devices, or a `jax.sharding.Mesh` that has `axis_name`
+        (by default, `axis_size` local devices of every process).
     - `init_in_axes`: a dict from argument name to an axis (`int | None`) or a pytree
         prefix of the argument, like `eqx.filter_vmap`'s `in_axes`; the arguments it names
         are split along that axis, which must have length `axis_size` (for per-device keys,
