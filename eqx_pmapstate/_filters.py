@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 
 from ._keys import KeyedWalk
 from ._state import State
+from ._typing import FilterLike
 
 
 def _key_value(entry) -> Hashable:
@@ -226,7 +227,7 @@ def _positional_arity(fn) -> int | None:
     return len(required) if required else (len(params) or None)
 
 
-def to_predicate(filter) -> Filter:
+def to_predicate(filter: FilterLike) -> Filter:
     """Turns a filter written in any accepted shorthand into a [`eqx_pmapstate.filters.Filter`][].
 
     **Arguments:**

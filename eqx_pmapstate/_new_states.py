@@ -24,6 +24,7 @@ from ._registry import register
 from ._state import State
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr, paths_str
+from ._typing import OutAxes
 
 
 def _has_init_state(x) -> bool:
@@ -420,7 +421,7 @@ def pmap2_new_states(
     init_kwargs: dict[str, Any] | None = None,
     state_tag: str | None = None,
     axis_size: int | None = None,
-    state_out_axes: Any = None,
+    state_out_axes: OutAxes = None,
     *,
     axis_name: str = "devices",
     devices: Sequence[Any] | Mesh | None = None,
@@ -503,7 +504,7 @@ def eval_new_states(
     init_kwargs: dict[str, Any] | None = None,
     state_tag: str | None = None,
     axis_size: int | None = None,
-    state_out_axes: Any = None,
+    state_out_axes: OutAxes = None,
     *,
     axis_name: str = "devices",
     devices: Sequence[Any] | Mesh | None = None,
@@ -546,7 +547,7 @@ def vmap2_new_states(
     init_kwargs: dict[str, Any] | None = None,
     state_tag: str | None = None,
     axis_size: int = ...,  # type: ignore[assignment]
-    state_out_axes: Any = None,
+    state_out_axes: OutAxes = None,
     *,
     axis_name: str | None = None,
     init_in_axes: dict[str, Any] | None = None,

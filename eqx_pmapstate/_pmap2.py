@@ -23,6 +23,7 @@ from ._layout import CheckMode, DEFAULT, OutLeaf, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states
+from ._typing import OutAxes
 
 
 class StateAxes:
@@ -40,7 +41,7 @@ class StateAxes:
 
     __slots__ = ("spec",)
 
-    def __init__(self, axes):
+    def __init__(self, axes: OutAxes):
         self.spec = normalize_out_axes(axes)
 
     def __eq__(self, other):

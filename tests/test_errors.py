@@ -146,7 +146,7 @@ def test_filter_that_cannot_be_converted(bad):
 
 def test_filter_that_cannot_be_converted_inside_a_list():
     with pytest.raises(TypeError, match="Cannot use 42 of type int as a filter"):
-        ep.pmap2_new_states(Counter(), state_out_axes={1: [ep.ParamState, 42]})
+        ep.pmap2_new_states(Counter(), state_out_axes={1: [ep.ParamState, 42]})  # pyright: ignore[reportArgumentType]  (a deliberately invalid filter)
 
 
 class Model(eqx.Module):

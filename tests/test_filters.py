@@ -150,9 +150,9 @@ def test_anything_else_is_a_typeerror(bad):
 def test_int_one_is_not_true():
     # `True` is a shorthand; `1` (equal to True) is not.
     with pytest.raises(TypeError, match="Cannot use 1 of type int as a filter"):
-        to_predicate(1)
+        to_predicate(1)  # pyright: ignore[reportArgumentType]  (deliberately not a filter)
     with pytest.raises(TypeError, match="Cannot use 0 of type int as a filter"):
-        to_predicate(0)
+        to_predicate(0)  # pyright: ignore[reportArgumentType]  (deliberately not a filter)
 
 
 def test_callable_of_three_arguments_is_a_typeerror():
@@ -167,7 +167,7 @@ def test_callable_of_three_arguments_is_a_typeerror():
 
 def test_bad_filter_inside_a_list_is_a_typeerror():
     with pytest.raises(TypeError, match="Cannot use 42 of type int as a filter"):
-        to_predicate([ep.ParamState, 42])
+        to_predicate([ep.ParamState, 42])  # pyright: ignore[reportArgumentType]  (a deliberately invalid filter)
 
 
 # --------------------------------------------------------------------------- OfType
