@@ -7,9 +7,12 @@ its own across steps (how many samples it has seen). `pmap2` keeps every leaf wh
 replicated parameters stay the same on every device.
 
 Run: `.venv/bin/python examples/train_data_parallel.py` (on a machine with one CPU it
-makes 8 CPU devices itself).
+makes 8 CPU devices itself). `--plot PATH` also saves the curve of the loss per step as an
+image (matplotlib, imported only then): the documentation's `docs/figures/loss.png` is
+made with `--plot docs/figures/loss.png`.
 """
 
+import argparse
 import os
 
 
@@ -121,18 +124,64 @@ def train(steps=20, batch=256, lr=1e-2, seed=0, average_gradients=True, log=None
     return model, opt_state, [float(v) for v in losses]
 
 
-def main():
+def plot_losses(losses, path, n_devices, batch):
+    """Saves the curve of the loss per step to `path` (any format matplotlib writes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    window = 10
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100, layout="constrained")
+    ax.plot(losses, color="tab:blue", alpha=0.35, linewidth=1, label="per step")
+    ax.plot(smooth, color="tab:blue", linewidth=2, label=f"mean of the last {window}")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean squared error)")
+    ax.set_title(
+        f"examples/train_data_parallel.py: {n_devices} devices, batch {batch} "
+        f"({batch // n_devices} per device), Adam",
+        fontsize=9,
+    )
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Data-parallel training of an MLP regression on 8 devices."
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="save the curve of the loss per step to PATH (needs matplotlib)",
+    )
+    args = parser.parse_args(argv)
     print(f"{jax.device_count()} devices")
 
     def log(i, loss):
         if i % 20 == 0 or i == 199:
             print(f"step {i:4d}  loss {float(loss):.5f}")
 
-    model, opt_state, losses = train(steps=200, log=log)
+    batch = 256
+    model, opt_state, losses = train(steps=200, batch=batch, log=log)
     print(ep.describe(model))
     print(
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; samples seen per device: {model.seen.value.tolist()}"
     )
+    if args.plot:
+        plot_losses(losses, args.plot, jax.device_count(), batch)
+        print(f"loss curve saved to {args.plot}")
 
 
 if __name__ == "__main__":
