@@ -10,6 +10,7 @@ from ._describe import (
 )
 from ._distributed import initialize_distributed as initialize_distributed
 from ._engine import ReplicationError as ReplicationError
+from ._layout import DEFAULT as DEFAULT
 from ._map import Map as Map
 from ._new_states import (
     eval_new_states as eval_new_states,

@@ -16,12 +16,14 @@ from ._engine import Layout, Pass
 from ._tree import keystr, paths_str
 
 
-class _Default:
+class Default:
+    """The type of `eqx_pmapstate.DEFAULT`: nothing asked, the layout rules apply."""
+
     def __repr__(self):
         return "DEFAULT"
 
 
-DEFAULT = _Default()  # nothing asked: the rule of the caller applies
+DEFAULT = Default()  # nothing asked: the rule of the caller applies
 
 
 class OutLeaf(NamedTuple):

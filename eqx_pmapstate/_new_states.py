@@ -546,7 +546,7 @@ def vmap2_new_states(
     module: eqx.Module | Callable[..., Any],
     init_kwargs: dict[str, Any] | None = None,
     state_tag: str | None = None,
-    axis_size: int = ...,  # type: ignore[assignment]
+    axis_size: int | None = None,
     state_out_axes: OutAxes = None,
     *,
     axis_name: str | None = None,
@@ -570,9 +570,10 @@ def vmap2_new_states(
     (replicated leaves have none, and must not differ between members: that is checked
     when the init is traced).
     """
-    if axis_size is ...:
+    if axis_size is None:
         raise TypeError(
-            "`vmap2_new_states` needs `axis_size`, the number of ensemble members."
+            "`vmap2_new_states` needs `axis_size`, the number of ensemble members (a "
+            "positive int), but got None of type NoneType."
         )
     check_axis_size(axis_size)
     return _new_states(

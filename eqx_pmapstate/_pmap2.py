@@ -678,16 +678,18 @@ def pmap2(
 
     - `fun`: the function. Usable as `@pmap2`, `@pmap2(...)`, and on methods.
     - `axis_name`: the mesh axis to map over.
-    - `in_axes`: by default, an array already laid out on the mesh keeps its layout
-        (mapped over its device axis, or broadcast if replicated), any other array is
-        mapped over axis 0, and everything else is static. Override with a pytree prefix
-        of the positional arguments whose leaves are `int`, `None` or a callable of a leaf
-        (as in `eqx.filter_pmap`), or with a [`eqx_pmapstate.StateAxes`][] of filters.
-    - `out_axes`: by default, (1) an output whose tree structure equals that of an
-        argument takes that argument's layout leaf by leaf (tried on the whole output,
-        then on each element of a returned tuple; an argument counts unless it is a bare
-        array not already laid out on the mesh, and a bare array only to an array of its
-        per-device shape and dtype), the argument at the same position first; and (2) any
+    - `in_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), an array already laid out on
+        the mesh keeps its layout (mapped over its device axis, or broadcast if
+        replicated), any other array is mapped over axis 0, and everything else is
+        static. Override with a pytree prefix of the positional arguments whose leaves
+        are `int`, `None` or a callable of a leaf (as in `eqx.filter_pmap`), or with a
+        [`eqx_pmapstate.StateAxes`][] of filters.
+    - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
+        structure equals that of an argument takes that argument's layout leaf by leaf
+        (tried on the whole output, then on each element of a returned tuple; an
+        argument counts unless it is a bare array not already laid out on the mesh, and
+        a bare array only to an array of its per-device shape and dtype), the argument
+        at the same position first; and (2) any
         other leaf comes back replicated when it is proved the same on every device
         (computed from replicated inputs only, or the result of `psum`, `pmean`, `pmax`,
         `pmin` or `all_gather` over the axis), and with a device axis at 0 otherwise (a
