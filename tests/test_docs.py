@@ -252,7 +252,6 @@ page = types.ModuleType("docs_page")
 page.__file__ = spec["path"]
 sys.modules["docs_page"] = page
 real_stdout = sys.stdout
-results = open(spec["results"], "w")
 
 
 def say(*args):
@@ -269,8 +268,8 @@ def run(block, code):
         jax.effects_barrier()
     finally:
         sys.stdout = real_stdout
-        results.write(json.dumps({"line": block["line"], "stdout": buffer.getvalue()}) + "\n")
-        results.flush()
+        with open(spec["results"], "a") as results:
+            results.write(json.dumps({"line": block["line"], "stdout": buffer.getvalue()}) + "\n")
 
 
 start = time.perf_counter()
