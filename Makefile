@@ -29,7 +29,7 @@ NEWEST_STAMP := $(NEWEST_VENV)/.installed
 # One line naming the versions a job runs with.
 VERSIONS := import sys; from importlib.metadata import version as v; print("Python " + sys.version.split()[0], *(p + " " + v(p) for p in ("jax", "jaxlib", "equinox", "optax")), sep=", ")
 
-.PHONY: demo test lint test-oldest test-newest bench docs clean
+.PHONY: demo test lint test-oldest test-newest bench docs docs-check figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -106,6 +106,26 @@ $(DOCS_VENV)/.installed: pyproject.toml $(OLDEST) constraints/docs.txt
 
 docs: $(DOCS_VENV)/.installed
 	$(DOCS_VENV)/bin/mkdocs build --strict -d site
+
+# The built site in headless Chromium: every page, its JavaScript errors, images, internal
+# links and anchors, and its width on a phone (docs/scripts/check_site.py). Needs Debian's
+# browser: `apt-get install -y chromium chromium-driver` (nothing is downloaded).
+# `make docs-check SCREENSHOTS=DIR` also saves the home page and a tutorial at 1280 px.
+docs-check: docs
+	$(DOCS_VENV)/bin/python docs/scripts/check_site.py site $(if $(SCREENSHOTS),--screenshots $(SCREENSHOTS))
+
+# The committed figures of docs/figures/, redrawn in the docs venv (which has the library
+# and matplotlib); the training example also needs the train extra (optax), added here
+# only. The loss curve is the example's run on 8 CPU devices, which it forces itself.
+FIGURES_STAMP := $(DOCS_VENV)/.installed-figures
+$(FIGURES_STAMP): $(DOCS_VENV)/.installed
+	$(DOCS_VENV)/bin/pip install --quiet -e ".[docs,train]" -c $(OLDEST) -c constraints/docs.txt
+	touch $@
+
+figures: $(FIGURES_STAMP)
+	MPLBACKEND=Agg $(DOCS_VENV)/bin/python docs/scripts/axes_figure.py
+	MPLBACKEND=Agg $(DOCS_VENV)/bin/python benchmarks/plot_results.py
+	MPLBACKEND=Agg $(DOCS_VENV)/bin/python examples/train_data_parallel.py --plot docs/figures/loss.png
 
 clean:
 	rm -rf $(VENV) $(NEWEST_VENV) $(BENCH_VENV) $(DOCS_VENV) site
