@@ -34,14 +34,19 @@ than wall time. `--rounds R` runs every variant in R fresh processes, interleave
 (count, shapes, devices, that shards differ between devices, and a checksum that must be
 equal for (a) and (b), which use the same keys).
 
+`--json PATH` also writes the results (the settings, the machine, and per variant the
+medians and every child's raw times) as JSON, for `benchmarks/plot_results.py`.
+
 The target is a/b (wall) at most 1.2 for both the first and the repeated call.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -289,6 +294,9 @@ def main(argv=None) -> int:
         "--timeout", type=float, default=1800.0, help="seconds allowed per variant"
     )
     p.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON to PATH"
+    )
+    p.add_argument(
         "--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS
     )  # child mode
     args = p.parse_args(argv)
@@ -299,6 +307,7 @@ def main(argv=None) -> int:
         return 0
 
     load = os.getloadavg()[0]
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(
         f"{args.states} states of ({args.shape}, {args.shape}) float32 per device, {args.devices} CPU "
         f"devices, {os.cpu_count()} cores; first call = new function in a new process; repeated = "
@@ -399,7 +408,54 @@ def main(argv=None) -> int:
         )
     else:
         print(f"target: both a/b ratios (wall) at most {TARGET}: not measured")
+    if args.json:
+        write_json(args, results, stats, date, load, argv)
     return 0
+
+
+def write_json(args, results: dict, stats: dict, date: str, load: float, argv) -> None:
+    """The results as JSON: the settings, the machine, per variant the medians (seconds;
+    None where not measured) and every child's raw result."""
+    variants = {}
+    for v, rs in results.items():
+        st = stats.get(v)
+        variants[v] = {
+            "label": LABELS[v],
+            "first_call_s": st[0] if st else None,
+            "repeated_s": st[1] if st else None,
+            "first_call_cpu_s": st[2] if st else None,
+            "repeated_cpu_s": st[3] if st else None,
+            "runs": rs,
+        }
+    out = {
+        "benchmark": "bench_init",
+        "source": "measured: written by benchmarks/bench_init.py --json",
+        "date": date,
+        "command": " ".join(
+            ["benchmarks/bench_init.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_start": round(load, 2),
+            "devices": f"{args.devices} CPU devices",
+        },
+        "settings": {
+            "states": args.states,
+            "shape": [args.shape, args.shape],
+            "devices": args.devices,
+            "repeats": args.repeats,
+            "rounds": args.rounds,
+        },
+        "variants": variants,
+    }
+    folder = os.path.dirname(os.path.abspath(args.json))
+    os.makedirs(folder, exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")
+    print(f"results written to {args.json}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,18 @@
 Compares `eqx_pmapstate.pmap2` (its replication proof, and the opt-in run-time check) with the floor,
 `jax.jit` on the same sharded arrays, and with `jax.jit(jax.shard_map(...))` and
 `eqx.filter_pmap`. Calls are interleaved and each figure is a median over repeats; the
-ratios to the floor are what matter. Run: `.venv/bin/python benchmarks/bench_step.py`.
+ratios to the floor are what matter. Run: `.venv/bin/python benchmarks/bench_step.py`;
+`--json PATH` also writes the results (the machine, the settings, every time in seconds
+and its ratio to the floor) as JSON, for `benchmarks/plot_results.py`.
 """
 
 import argparse
+import datetime
+import json
 import os
+import platform
+import sys
+from importlib import metadata
 
 
 os.environ["XLA_FLAGS"] = (
@@ -117,7 +124,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--scaling", type=int, nargs="*", default=[100, 1000, 10000])
+    parser.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON to PATH"
+    )
     args = parser.parse_args()
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load = round(os.getloadavg()[0], 2)
 
     res = bench_trivial(args.leaves, args.repeats, args.calls)
     base = res["jax.jit (floor)"]
@@ -146,14 +158,59 @@ def main():
     )
 
     print("\nAs the tree grows (per-call time; overhead = pmap2 minus floor):")
+    scaling = {}
     for n in args.scaling:
         calls = max(2, args.calls * 100 // max(n, 100))
-        r = bench_trivial(n, max(3, args.repeats // 3), calls, with_filter_pmap=False)
+        r = scaling[n] = bench_trivial(
+            n, max(3, args.repeats // 3), calls, with_filter_pmap=False
+        )
         fl, ours = r["jax.jit (floor)"], r["pmap2"]
         print(
             f"  {n:>6} leaves: floor {fl * 1e3:9.3f} ms ({fl / n * 1e6:6.2f} us/leaf), pmap2 "
             f"{ours * 1e3:9.3f} ms ({ours / n * 1e6:6.2f} us/leaf), {ours / fl:5.2f}x"
         )
+    if args.json:
+        results = {
+            "benchmark": "bench_step",
+            "source": "measured: written by benchmarks/bench_step.py --json",
+            "date": date,
+            "command": " ".join(["benchmarks/bench_step.py", *sys.argv[1:]]),
+            "machine": {
+                "jax": jax.__version__,
+                "jaxlib": metadata.version("jaxlib"),
+                "equinox": eqx.__version__,
+                "library": f"eqx_pmapstate {ep.__version__}",
+                "python": platform.python_version(),
+                "backend": jax.default_backend(),
+                "device_count": jax.device_count(),
+                "device_kind": jax.devices()[0].device_kind,
+                "cpu_cores": os.cpu_count(),
+                "platform": platform.platform(),
+                "load_average_at_start": load,
+            },
+            "settings": {
+                "leaves": args.leaves,
+                "repeats": args.repeats,
+                "calls": args.calls,
+                "leaf_shape": [8, 16],
+            },
+            "floor": "jax.jit (floor)",
+            "trivial": {k: {"call_s": v, "ratio": v / base} for k, v in res.items()},
+            "replication_checks": {k: {"call_s": v} for k, v in chk.items()},
+            "scaling": {
+                str(n): {
+                    k: {"call_s": v, "ratio": v / r["jax.jit (floor)"]}
+                    for k, v in r.items()
+                }
+                for n, r in scaling.items()
+            },
+        }
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        print(f"\nresults written to {args.json}")
 
 
 if __name__ == "__main__":

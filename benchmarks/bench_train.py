@@ -7,6 +7,7 @@ How to run:
     .venv/bin/python benchmarks/bench_train.py --quick    # a smoke run (under 1 min, 2 cores)
     .venv/bin/python benchmarks/bench_train.py --gpu      # the accelerators there are (1 GPU: a 1-device mesh)
     .venv/bin/python benchmarks/bench_train.py --sizes large --rounds 60 --first-call-rounds 20
+    .venv/bin/python benchmarks/bench_train.py --json benchmarks/results/bench_train_cpu.json
 
 The model is an `eqx.nn.MLP` of one of two sizes (`small`, about 9k parameters, and
 `large`, about 800k; the exact counts are printed), trained with `optax.adam` on a mean
@@ -49,6 +50,10 @@ A variant that fails (for example an error from `eqx_pmapstate`) is a row `FAILE
 (its full message below the table), the rest of the benchmark goes on, and the script
 exits with status 1 at the end.
 
+`--json PATH` also writes the results (the machine, the settings, and per size and
+variant the medians, ratios to the floor, trace counts and errors) as JSON, for
+`benchmarks/plot_results.py`.
+
 Targets: `pmap2` at most 1.05x the floor per step and at most 1.3x the floor's first call,
 at both sizes, and faster per step than `eqx.filter_pmap`.
 """
@@ -56,13 +61,16 @@ at both sizes, and faster per step than `eqx.filter_pmap`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from typing import NamedTuple
 
 
@@ -493,6 +501,72 @@ def library() -> str:
     return f"eqx_pmapstate {eqx_pmapstate.__version__} from {where}"
 
 
+def machine() -> dict:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "jaxlib": metadata.version("jaxlib"),
+        "equinox": eqx.__version__,
+        "optax": optax.__version__,
+        "library": library(),
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "device_kind": device.device_kind,
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+    }
+
+
+def to_json(per_step: dict, all_rows: dict, args, info: dict) -> dict:
+    """The results as one JSON-ready dict (times in seconds)."""
+    sizes = {}
+    for size, rows in all_rows.items():
+        variants = {}
+        for v, row in rows.items():
+            if "error" in row:
+                variants[v] = {"error": row["error"]}
+                continue
+            variants[v] = {
+                "step_s": row["step"],
+                "step_spread": row["spread"],
+                "step_ratio": _ratio(rows, v, "step"),
+                "first_call_s": row["first"],
+                "first_call_ratio": _ratio(rows, v, "first"),
+                "first_call_cpu_s": row["cpu"],
+                "first_call_cpu_ratio": _ratio(rows, v, "cpu"),
+                "traces_first_call": row["traces"],
+                "traces_second_call": row["more"],
+                "first_call_error": row["first_error"],
+                "step_times_s": per_step[size]["times"][v],
+            }
+        sizes[size] = {
+            "mlp": SIZES[size],
+            "n_params": per_step[size]["n_params"],
+            "max_abs_diff_from_floor": per_step[size]["diffs"],
+            "tolerance": per_step[size]["tol"],
+            "variants": variants,
+        }
+    return {
+        "benchmark": "bench_train",
+        "source": "measured: written by benchmarks/bench_train.py --json",
+        "date": info["date"],
+        "command": info["command"],
+        "machine": info["machine"],
+        "settings": {
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "steps_per_round": args.steps_per_round,
+            "first_call_rounds": args.first_call_rounds,
+            "check_steps": args.check_steps,
+        },
+        "floor": FLOOR,
+        "sizes": sizes,
+    }
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
@@ -521,6 +595,9 @@ def parse_args(argv):
     p.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per child process"
     )
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON to PATH"
+    )
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child
     p.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -540,6 +617,15 @@ def main(argv=None) -> int:
         print(MARK + json.dumps(child(args)), flush=True)
         return 0
 
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "command": " ".join(
+            ["benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": machine(),
+    }
     print(
         f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
         f"device(s) ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
@@ -556,9 +642,9 @@ def main(argv=None) -> int:
         print(f"  per step: {size}", flush=True)
         per_step[size] = bench_per_step(size, args)
     firsts = bench_first_calls(args.sizes, args)
-    marks, failed = [], False
+    marks, failed, all_rows = [], False, {}
     for size in args.sizes:
-        rows = summarize(per_step[size], firsts[size])
+        rows = all_rows[size] = summarize(per_step[size], firsts[size])
         print_table(size, per_step[size], rows, args)
         marks += print_targets(size, rows)
         failed |= any("error" in r or r["first_error"] for r in rows.values())
@@ -568,7 +654,18 @@ def main(argv=None) -> int:
         + f" ({sum(bool(m) for _, m in marks)} of {len(marks)})"
         + ("; some variant FAILED (exit status 1)" if failed else "")
     )
+    if args.json:
+        write_json(args.json, to_json(per_step, all_rows, args, info))
     return 1 if failed else 0
+
+
+def write_json(path: str, results: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    print(f"results written to {path}")
 
 
 if __name__ == "__main__":
