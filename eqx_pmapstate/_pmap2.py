@@ -104,18 +104,18 @@ def _leaf_sig(x):
 
 def _check_axes_spec(spec, what: str) -> None:
     """`in_axes`/`out_axes` as given: `DEFAULT`, a `StateAxes`, or a pytree prefix whose
-    leaves are ints, None or callables."""
+    leaves are ints, None, `DEFAULT` (the default rule for that part) or callables."""
     if spec is DEFAULT or isinstance(spec, StateAxes):
         return
     for leaf in jtu.tree_leaves(spec, is_leaf=lambda x: x is None):
-        ok = leaf is None or callable(leaf)
+        ok = leaf is None or leaf is DEFAULT or callable(leaf)
         ok = ok or (isinstance(leaf, (int, np.integer)) and not isinstance(leaf, bool))
         if not ok:
             raise TypeError(
                 f"`{what}` must be a pytree prefix of the arguments whose leaves are ints "
-                "(an axis), None (replicated) or callables of a leaf, or a "
-                f"`eqx_pmapstate.StateAxes`, but it holds {leaf!r} of type "
-                f"{type(leaf).__name__}."
+                "(an axis), None (replicated), `eqx_pmapstate.DEFAULT` (the default rule) "
+                "or callables of a leaf, or a `eqx_pmapstate.StateAxes`, but it holds "
+                f"{leaf!r} of type {type(leaf).__name__}."
             )
 
 
@@ -682,7 +682,9 @@ def pmap2(
         the mesh keeps its layout (mapped over its device axis, or broadcast if
         replicated), any other array is mapped over axis 0, and everything else is
         static. Override with a pytree prefix of the positional arguments whose leaves
-        are `int`, `None` or a callable of a leaf (as in `eqx.filter_pmap`), or with a
+        are `int`, `None`, `DEFAULT` (the rule above, for that part) or a callable of a
+        leaf (as in `eqx.filter_pmap`): `in_axes=(ep.DEFAULT, None)` keeps the model's
+        layout and replicates the second argument; or with a
         [`eqx_pmapstate.StateAxes`][] of filters.
     - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
         structure equals that of an argument takes that argument's layout leaf by leaf

@@ -938,3 +938,24 @@ def test_inputs_on_a_smaller_mesh_run_there(leaks):
     np.testing.assert_allclose(np.asarray(total), [6.0, 6.0])
     assert_laid_out(each, 0, n=4)
     np.testing.assert_allclose(np.asarray(each), 2 * np.asarray(b.value))
+
+
+def test_default_as_a_leaf_of_an_in_axes_prefix(leaks):
+    # Keep the model's layout, replicate a learning rate given as a host array.
+    model = ep.pmap2_new_states(
+        lambda: {"w": ep.State(jnp.ones(3)), "h": ep.ShortTermState(jnp.ones(2))},
+        state_out_axes={0: OfType(ep.ShortTermState), None: ...},
+    )
+
+    def scale(m, lr):
+        return {"w": ep.State(m["w"].value * lr), "h": m["h"]}
+
+    out = ep.pmap2(scale, in_axes=(ep.DEFAULT, None))(model, np.float32(0.5))
+    assert_laid_out(out["w"].value, None)
+    assert_laid_out(out["h"].value, 0)
+    np.testing.assert_array_equal(np.asarray(out["w"].value), np.full(3, 0.5))
+
+
+def test_an_unproved_whole_return_value_is_named_readably():
+    with pytest.raises(ValueError, match=r"output \(the whole return value\) must"):
+        ep.pmap2(lambda v: v, out_axes=None)(jnp.arange(8.0))
