@@ -29,7 +29,7 @@ from . import _program
 from ._jax_compat import hoist_consts, Tracer
 from ._mesh import axis_spec
 from ._trace import Traced
-from ._tree import keystr, paths_str
+from ._tree import paths_str
 
 
 class ReplicationError(ValueError):
@@ -135,10 +135,10 @@ class Compiled:
             leaves.append(value if kind == "static" else struct)
         return self.treedef.unflatten(leaves)
 
-    def mismatched(self, flags) -> list[str]:
-        """The paths of the checked outputs whose flag is set (waits for the flags)."""
+    def mismatched(self, flags) -> list[tuple]:
+        """The key paths of the checked outputs whose flag is set (waits for the flags)."""
         bad = np.asarray(flags)
-        return [keystr(p) for p, b in zip(self.checked_paths, bad) if b]
+        return [p for p, b in zip(self.checked_paths, bad) if b]
 
 
 def _is_empty(aval) -> bool:

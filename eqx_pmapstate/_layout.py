@@ -64,7 +64,7 @@ def step_layout(
             axis = normalize_axis(want, leaf.ndim, leaf.path)
             if axis is None and leaf.varying:
                 if check == "trace":
-                    unproved.append(_output_name(leaf.path))
+                    unproved.append(output_name(leaf.path))
                 elif check == "runtime":
                     checked.add(k)
         j = leaf.input_index
@@ -87,7 +87,7 @@ def step_layout(
     return Layout(tuple(axes), frozenset(checked))
 
 
-def _output_name(path) -> str:
+def output_name(path) -> str:
     """An output leaf for a message: `output[0].w`, or the whole return value."""
     return "output" + keystr(path) if path else "output (the whole return value)"
 

@@ -351,7 +351,7 @@ def _raise_if_differ(compiled, flags) -> None:
             "compare them either. Call `pmap2_new_states` outside the transformation, or "
             "give these states a device axis in `state_out_axes`."
         )
-    bad = compiled.mismatched(flags)
+    bad = [keystr(p) for p in compiled.mismatched(flags)]
     if bad:
         raise ValueError(
             f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "

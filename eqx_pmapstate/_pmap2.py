@@ -19,7 +19,7 @@ from ._dataflow import varying_outputs
 from ._engine import replication_message, ReplicationError
 from ._jax_compat import Tracer
 from ._keys import Guard, KeyedWalk, WeakId
-from ._layout import CheckMode, DEFAULT, OutLeaf, step_layout
+from ._layout import CheckMode, DEFAULT, OutLeaf, output_name, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states
@@ -447,7 +447,7 @@ def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
     if compiled.extra_out:
         *outs, flags = outs
         if check == "runtime":
-            bad = compiled.mismatched(flags)  # waits for this call
+            bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
             if bad:
                 raise ReplicationError(replication_message(bad, axis_name))
     return compiled.assemble(dyn, outs)

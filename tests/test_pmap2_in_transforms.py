@@ -91,7 +91,8 @@ def test_runtime_check_raises_replication_error_itself():
         return w - jax.grad(lambda w: jnp.sum(w * x.sum()))(w)
 
     with pytest.raises(
-        ep.ReplicationError, match=r"leaves at <root> should be the same .*pmean"
+        ep.ReplicationError,
+        match=r"leaves at output \(the whole return value\) should be the same .*pmean",
     ):
         ep.pmap2(drift, check_replicated="runtime")(w, x)
 
