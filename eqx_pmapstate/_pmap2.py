@@ -402,7 +402,7 @@ def _check_donation(dyn, donated, flat_paths) -> None:
         seen[id(x)] = flat_paths[d]
 
 
-class _Lowered:
+class Lowered:
     """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
 
     def __init__(self, lowered, entry: _Entry, treedef, signature, check):
@@ -414,13 +414,13 @@ class _Lowered:
         """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
         return self.lowered.as_text(*args, **kwargs)
 
-    def compile(self) -> _CompiledCall:
+    def compile(self) -> CompiledCall:
         """Compiles it: a callable taking the same arguments as the `pmap2` function."""
-        return _CompiledCall(self.lowered.compile(), self)
+        return CompiledCall(self.lowered.compile(), self)
 
 
-class _CompiledCall:
-    def __init__(self, executable, lowered: _Lowered):
+class CompiledCall:
+    def __init__(self, executable, lowered: Lowered):
         self.executable = executable  # the `jax.stages.Compiled`
         self._lowered = lowered
 
@@ -518,7 +518,7 @@ class Pmap2:
             )
         return _run(entry, leaves, entry.compiled.run, self._check, self.axis_name)
 
-    def lower(self, *args, **kwargs) -> _Lowered:
+    def lower(self, *args, **kwargs) -> Lowered:
         """Lowers the program for these arguments, as `jax.jit(f).lower(...)` does.
 
         **Returns:**
@@ -532,7 +532,7 @@ class Pmap2:
         compiled = entry.compiled
         dyn = compiled.place([leaves[i] for i in entry.dyn_index])
         lowered = compiled.run.lower(*compiled.const_values(), *dyn)
-        return _Lowered(lowered, entry, treedef, sig[1], self._check)
+        return Lowered(lowered, entry, treedef, sig[1], self._check)
 
     # -- once per signature
 
@@ -625,8 +625,8 @@ class Pmap2:
 def pmap2(
     *,
     axis_name: str = "devices",
-    in_axes: Any = ...,
-    out_axes: Any = ...,
+    in_axes: Any = DEFAULT,
+    out_axes: Any = DEFAULT,
     donate: Literal["all", "all-except-first", "none"] = "none",
     check_replicated: bool | Literal["runtime"] = True,
     devices: Sequence[Any] | Mesh | None = None,
@@ -638,8 +638,8 @@ def pmap2(
     fun: Callable,
     *,
     axis_name: str = "devices",
-    in_axes: Any = ...,
-    out_axes: Any = ...,
+    in_axes: Any = DEFAULT,
+    out_axes: Any = DEFAULT,
     donate: Literal["all", "all-except-first", "none"] = "none",
     check_replicated: bool | Literal["runtime"] = True,
     devices: Sequence[Any] | Mesh | None = None,

@@ -5,10 +5,10 @@ from typing import Generic, TypeVar
 import equinox as eqx
 
 
-_Value = TypeVar("_Value")
+Value = TypeVar("Value")
 
 
-class State(eqx.Module, Generic[_Value]):
+class State(eqx.Module, Generic[Value]):
     """A state of a module: a pytree of arrays that is laid out over a mapped axis as one unit.
 
     Markers exist so that code written in brainstate's vocabulary reads the same here
@@ -28,23 +28,23 @@ class State(eqx.Module, Generic[_Value]):
     `weight: ParamState[PerDevice[Float[Array, "features"]]]`.
     """
 
-    value: _Value
+    value: Value
     tag: str | None = eqx.field(static=True, default=None)
 
 
-class ParamState(State[_Value]):
+class ParamState(State[Value]):
     """A trainable parameter."""
 
 
-class ShortTermState(State[_Value]):
+class ShortTermState(State[Value]):
     """A state that changes from step to step: hidden states, counters."""
 
 
-class LongTermState(State[_Value]):
+class LongTermState(State[Value]):
     """A state kept over many steps: running statistics, moving averages."""
 
 
-class NonBatchState(State[_Value]):
+class NonBatchState(State[Value]):
     """A state that is the same on every device or ensemble member.
 
     It is always replicated (axis `None`), whatever `state_out_axes` says; the library
