@@ -126,11 +126,15 @@ def train(steps=20, batch=256, lr=1e-2, seed=0, average_gradients=True, log=None
 
 def plot_losses(losses, path, n_devices, batch):
     """Saves the curve of the loss per step to `path` (any format matplotlib writes)."""
-    import matplotlib
+    import matplotlib  # pyright: ignore[reportMissingImports]  (optional: only for --plot)
 
     matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+    import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]  (optional)
+    from matplotlib.ticker import (  # pyright: ignore[reportMissingImports]  (optional)
+        FormatStrFormatter,
+        LogLocator,
+        NullFormatter,
+    )
 
     window = 10
     smooth = [
