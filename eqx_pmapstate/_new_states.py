@@ -416,6 +416,33 @@ def _new_states(
     return out
 
 
+def _over_devices(
+    what: str,
+    run: bool,
+    module,
+    init_kwargs,
+    state_tag,
+    axis_size,
+    state_out_axes,
+    axis_name,
+    devices,
+    init_in_axes,
+):
+    mesh, n = resolve_mesh(axis_size, devices, axis_name)
+    return _new_states(
+        module,
+        init_kwargs,
+        state_tag,
+        state_out_axes,
+        init_in_axes,
+        n=n,
+        mesh=mesh,
+        axis_name=axis_name,
+        what=what,
+        run=run,
+    )
+
+
 def pmap2_new_states(
     module: eqx.Module | Callable[..., Any],
     init_kwargs: dict[str, Any] | None = None,
@@ -485,17 +512,17 @@ def pmap2_new_states(
         model.weight.value.shape  # (jax.local_device_count(), 128)
         ```
     """
-    mesh, n = resolve_mesh(axis_size, devices, axis_name)
-    return _new_states(
+    return _over_devices(
+        "pmap2_new_states",
+        True,
         module,
         init_kwargs,
         state_tag,
+        axis_size,
         state_out_axes,
+        axis_name,
+        devices,
         init_in_axes,
-        n=n,
-        mesh=mesh,
-        axis_name=axis_name,
-        what="pmap2_new_states",
     )
 
 
@@ -527,18 +554,17 @@ def eval_new_states(
     shape, dtype and sharding (the leaves a module held come back as structs of
     themselves), and everything else as `pmap2_new_states` would return it.
     """
-    mesh, n = resolve_mesh(axis_size, devices, axis_name)
-    return _new_states(
+    return _over_devices(
+        "eval_new_states",
+        False,
         module,
         init_kwargs,
         state_tag,
+        axis_size,
         state_out_axes,
+        axis_name,
+        devices,
         init_in_axes,
-        n=n,
-        mesh=mesh,
-        axis_name=axis_name,
-        what="eval_new_states",
-        run=False,
     )
 
 

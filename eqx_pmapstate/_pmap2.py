@@ -367,6 +367,7 @@ class _Entry(NamedTuple):
     dyn_index: tuple
     donated: tuple  # indices into the dynamic inputs
     put: bool  # whether some input must be moved to its layout first
+    paths: tuple  # the key path of each dynamic input, for messages
 
 
 class _Fast(NamedTuple):
@@ -382,24 +383,24 @@ class _Fast(NamedTuple):
         return True
 
 
-def _check_donation(dyn, donated, flat_paths) -> None:
+def _check_donation(dyn, donated, paths) -> None:
     seen: dict = {}
     for d in donated:
         x = dyn[d]
         if isinstance(x, jax.Array) and not isinstance(x, Tracer):
             if x.is_deleted():
                 raise ValueError(
-                    f"The input {_where(flat_paths[d])} was donated by an earlier call and "
+                    f"The input {_where(paths[d])} was donated by an earlier call and "
                     "its buffer is gone. Pass the outputs of that call instead, or use "
                     "`donate='none'`."
                 )
         if id(x) in seen:
             raise ValueError(
                 f"The same array is passed twice, at {_where(seen[id(x)])} and "
-                f"{_where(flat_paths[d])}, and would be donated twice (tied weights?). "
+                f"{_where(paths[d])}, and would be donated twice (tied weights?). "
                 "Pass distinct arrays, or use `donate='none'`."
             )
-        seen[id(x)] = flat_paths[d]
+        seen[id(x)] = paths[d]
 
 
 class Lowered:
@@ -512,9 +513,7 @@ class Pmap2:
         entry = fast.entry
         if entry.donated:
             _check_donation(
-                [leaves[i] for i in entry.dyn_index],
-                entry.donated,
-                [p for p, _ in jtu.tree_flatten_with_path((args, kwargs))[0]],
+                [leaves[i] for i in entry.dyn_index], entry.donated, entry.paths
             )
         return _run(entry, leaves, entry.compiled.run, self._check, self.axis_name)
 
@@ -617,7 +616,9 @@ class Pmap2:
             user_arrays=user,
         )
         put = not all(_engine._placed(x, s) for x, s in zip(dyn, compiled.in_shardings))
-        entry = _Entry(compiled, inputs.dyn_index, inputs.donated, put)
+        flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+        paths = tuple(flat[i][0] for i in inputs.dyn_index)
+        entry = _Entry(compiled, inputs.dyn_index, inputs.donated, put, paths)
         return entry, cacheable
 
 

@@ -622,3 +622,12 @@ def test_lower_and_compile_ahead_of_time(leaks):
     np.testing.assert_array_equal(np.asarray(compiled(w, x)), np.asarray(f(w, x)))
     with pytest.raises(TypeError, match="Lower it again"):
         compiled(w, jnp.ones((N, 3)))
+
+
+def test_a_donation_error_names_the_input_after_static_arguments():
+    # The message's path counts only the arrays, not the static leaves before them.
+    step = ep.pmap2(lambda scale, x: x * scale, donate="all")
+    x = _per_device(jnp.ones(2))
+    step(2.0, x)
+    with pytest.raises(ValueError, match=r"The input args\[1\] was donated"):
+        step(2.0, x)
