@@ -16,7 +16,8 @@ from . import _engine
 from ._assign import assign_axis, mapped_axis, normalize_out_axes
 from ._cache import programs
 from ._dataflow import varying_outputs
-from ._engine import replication_message, ReplicationError
+from ._errors import differing_outputs
+from ._explain import CompileLog, leaf_names
 from ._jax_compat import Tracer
 from ._keys import Guard, KeyedWalk, WeakId
 from ._layout import CheckMode, DEFAULT, OutLeaf, output_name, step_layout
@@ -450,7 +451,7 @@ def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
         if check == "runtime":
             bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
             if bad:
-                raise ReplicationError(replication_message(bad, axis_name))
+                raise differing_outputs(bad, axis_name)
     return compiled.assemble(dyn, outs)
 
 
@@ -458,7 +459,16 @@ class Pmap2:
     """A function mapped over the devices of a mesh axis; made by [`eqx_pmapstate.pmap2`][]."""
 
     def __init__(
-        self, fun, *, axis_name, in_axes, out_axes, donate, check_replicated, devices
+        self,
+        fun,
+        *,
+        axis_name,
+        in_axes,
+        out_axes,
+        donate,
+        check_replicated,
+        devices,
+        explain: bool = True,
     ):
         if not callable(fun):
             raise TypeError(f"`pmap2` needs a callable, but got {fun!r}.")
@@ -494,10 +504,20 @@ class Pmap2:
         }
         self._check: CheckMode = modes[check_replicated]
         self._fast: dict = {}
+        self._compiles = CompileLog() if explain else None
         programs.listen(self)
 
     def clear_fast_path(self) -> None:
         self._fast.clear()
+        if self._compiles is not None:
+            self._compiles.clear()
+
+    def forget(self, values) -> None:
+        """Drops the shortcuts to entries the library's cache no longer holds."""
+        gone = {id(v) for v in values}
+        for sig, fast in list(self._fast.items()):
+            if id(fast.entry) in gone:
+                self._fast.pop(sig, None)
 
     def __get__(self, instance, owner=None):
         if instance is None:
@@ -562,9 +582,17 @@ class Pmap2:
             )
         walk = KeyedWalk()
         key = self._key(walk, leaves, sig)
-        entry = _engine.cached(
-            programs, key, walk.weak, lambda: self._compile(args, kwargs, leaves, walk)
-        )
+        missed = []
+
+        def compile_on_miss():
+            missed.append(key)
+            return self._compile(args, kwargs, leaves, walk)
+
+        entry = _engine.cached(programs, key, walk.weak, compile_on_miss)
+        if missed and self._compiles is not None:
+            self._compiles.compiled(
+                self.fun, key, lambda: leaf_names(args, kwargs, _where)
+            )
         fast = _Fast(entry, tuple(walk.guards))
         if not any(isinstance(c(), Tracer) for c in entry.compiled.consts):
             self._fast[sig] = fast
@@ -708,11 +736,12 @@ def pmap2(
         proved the same on every device when the function is traced: a value computed
         only from replicated inputs, or reduced over the axis by `psum`, `pmean`, `pmax`,
         `pmin` or `all_gather`. An output that must be replicated but is not proved so
-        (a parameter updated with a gradient that was not `pmean`'d) is a `ValueError`
-        naming it, before anything runs, at no run-time cost (`True`, the default).
+        (a parameter updated with a gradient that was not `pmean`'d) is an
+        [`eqx_pmapstate.ReplicationError`][] (a `ValueError`) naming it, before anything
+        runs, at no run-time cost (`True`, the default).
         `"runtime"` instead compares such outputs across devices after each call (two
-        hashes per leaf and one `pmax`; the call waits for the check) and raises
-        [`eqx_pmapstate.ReplicationError`][] naming the leaves that differ: for values
+        hashes per leaf and one `pmax`; the call waits for the check) and raises a
+        `ReplicationError` naming the leaves that differ: for values
         that are equal for a reason the proof cannot see. `False` takes them as they are,
         as `jax.pmap` does (each device keeps its own value under a replicated label).
     - `devices`: devices or a `Mesh` to use when no input is laid out on a mesh yet.
