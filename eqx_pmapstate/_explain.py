@@ -12,6 +12,7 @@ layout) and what to do: once per function and thing, in the spirit of JAX's
 from __future__ import annotations
 
 import functools
+import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -69,8 +70,27 @@ class CompileLog:
         self.warned.update(subject for subject, _ in changes)
         if changes:
             warnings.warn(
-                _message(fun, self.compiles, changes), RecompileWarning, stacklevel=4
+                _message(fun, self.compiles, changes),
+                RecompileWarning,
+                stacklevel=_caller_level(sys._getframe()),
             )
+
+
+# Frames of these modules are not the user's: this library, and the wrappers that
+# jaxtyping's import hook (with beartype) puts around its functions.
+_NOT_THE_CALLER = ("eqx_pmapstate", "jaxtyping", "beartype")
+
+
+def _caller_level(frame) -> int:
+    """The `stacklevel`, for a warning raised in `frame`, of the first frame outside
+    this library and the type-checking wrappers around it: the user's call."""
+    level = 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in _NOT_THE_CALLER:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _name(fun) -> str:
