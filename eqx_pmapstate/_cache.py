@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from ._jax_compat import register_with_jax_clear_caches
 from ._keys import WeakId
+from ._stores import clear_stores
 
 
 MAXSIZE = 256
@@ -90,6 +91,7 @@ class ProgramCache:
             listeners = list(self._listeners)
         for obj in listeners:
             obj.clear_fast_path()
+        clear_stores()
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
@@ -106,7 +108,9 @@ register_with_jax_clear_caches(programs, "eqx_pmapstate compiled programs")
 
 
 def clear_caches() -> None:
-    """Drops every program this library compiled and cached.
+    """Drops every program this library compiled and cached, and empties its other
+    stores: each `pmap2` function's shortcuts and compile log, the meshes it made,
+    `Map`'s functions, and what it memoised about code objects.
 
     `jax.clear_caches()` does the same (and clears JAX's own caches). Programs are
     otherwise kept until their least recent use is among the oldest of

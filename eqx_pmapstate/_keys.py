@@ -30,6 +30,8 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
+from ._stores import register_store
+
 
 _MISSING = object()
 _DEPTH = 4  # how many functions deep the globals and closures are followed
@@ -129,6 +131,12 @@ def _names_read(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names.update(_names_read(const))
     return tuple(sorted(names))
+
+
+register_store(
+    "what code objects read and assign",
+    lambda: (assigned_names.cache_clear(), _names_read.cache_clear()),
+)
 
 
 class KeyedWalk:

@@ -13,6 +13,7 @@ from ._describe import leaf_axis
 from ._mesh import _UNKNOWN, check_axis_size, read_axis
 from ._new_states import pmap2_new_states, vmap2_new_states
 from ._pmap2 import Pmap2
+from ._stores import register_store
 
 
 def _apply(module, *args, **kwargs):
@@ -37,6 +38,9 @@ def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
         devices=None,
         explain=False,
     )
+
+
+register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
 
 
 def _hashable(axes):

@@ -22,6 +22,7 @@ from ._jax_compat import Tracer
 from ._keys import Guard, KeyedWalk, WeakId
 from ._layout import CheckMode, DEFAULT, OutLeaf, output_name, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
+from ._stores import register_store
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states
 from ._typing import OutAxes
@@ -73,6 +74,7 @@ def _where(path) -> str:
 
 
 _CONCRETE: set = set()  # the types of concrete `jax.Array`s seen (`ArrayImpl`)
+register_store("array types", _CONCRETE.clear)
 
 
 def _signature(leaves) -> tuple:

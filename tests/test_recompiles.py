@@ -153,3 +153,55 @@ def test_the_fast_path_never_outlives_the_cache(monkeypatch):
     ep.clear_caches()
     assert not step._fast
     assert MAXSIZE == 256  # the default bound
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def test_clear_caches_empties_every_store():
+    from eqx_pmapstate import _keys, _map, _mesh, _stores
+
+    assert set(_stores.store_names()) >= {
+        "meshes",
+        "Map's pmap2 functions",
+        "what code objects read and assign",
+        "array types",
+    }
+    for clear in (ep.clear_caches, jax.clear_caches):
+        ep.pmap2(lambda x: x * 2)(jnp.ones((8, 2)))
+        ep.Map(_Scale(), init_map_size=8, behavior="pmap").init_all_states()(
+            jnp.ones((8, 2))
+        )
+        assert _mesh._meshes and _map._mapped_apply.cache_info().currsize
+        assert _keys._names_read.cache_info().currsize
+        clear()
+        assert not _mesh._meshes
+        assert _map._mapped_apply.cache_info().currsize == 0
+        assert _keys._names_read.cache_info().currsize == 0
+        assert programs.cache_info().currsize == 0
+
+
+class _Scale(eqx.Module):
+    w: ep.ParamState | None = None
+
+    def init_state(self):
+        return _Scale(ep.ParamState(jnp.full(2, 3.0)))
+
+    def __call__(self, x):
+        assert self.w is not None
+        return x * self.w.value
+
+
+def test_the_fast_path_sees_a_rebound_global_and_closure():
+    global LR
+    x = jnp.ones((8, 2))
+    step = ep.pmap2(scaled_by_the_global_lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ep.RecompileWarning)
+        for LR in (0.5, 2.0, 0.5):  # each call through the fast path's guards
+            np.testing.assert_allclose(step(x), LR)
+    factor = 1.0
+    closed = ep.pmap2(lambda x: x * factor)
+    np.testing.assert_allclose(closed(x), 1.0)
+    factor = 4.0  # the cell is rebound: the guard fails, the right program runs
+    np.testing.assert_allclose(closed(x), 4.0)
