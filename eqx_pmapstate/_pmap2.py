@@ -409,10 +409,10 @@ def _check_donation(dyn, donated, paths) -> None:
 class Lowered:
     """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
 
-    def __init__(self, lowered, entry: _Entry, treedef, signature, check):
+    def __init__(self, lowered, entry: _Entry, treedef, signature, check, axis_name):
         self.lowered = lowered  # the `jax.stages.Lowered` of the program
         self._entry, self._treedef, self._signature = entry, treedef, signature
-        self._check = check
+        self._check, self._axis_name = check, axis_name
 
     def as_text(self, *args, **kwargs) -> str:
         """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
@@ -439,10 +439,17 @@ class CompiledCall:
                 "The arguments do not match those this program was lowered for (tree "
                 "structure, shapes, dtypes and layouts). Lower it again for them."
             )
-        return _run(low._entry, leaves, self.executable, low._check)
+        return _run(low._entry, leaves, self.executable, low._check, low._axis_name)
 
 
-def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
+def _run(entry: _Entry, leaves, run, check, axis_name):
+    """One call of a compiled entry, whichever way it was reached (a call, its fast
+    path, or `lower().compile()`): the donation checks, the program, the run-time
+    replication check, and the outputs in their structure."""
+    if entry.donated:
+        _check_donation(
+            [leaves[i] for i in entry.dyn_index], entry.donated, entry.paths
+        )
     compiled = entry.compiled
     dyn = [leaves[i] for i in entry.dyn_index]
     if entry.put:
@@ -533,10 +540,6 @@ class Pmap2:
         if fast is None or not fast.valid():
             fast = self._entry(args, kwargs, leaves, sig)
         entry = fast.entry
-        if entry.donated:
-            _check_donation(
-                [leaves[i] for i in entry.dyn_index], entry.donated, entry.paths
-            )
         return _run(entry, leaves, entry.compiled.run, self._check, self.axis_name)
 
     def lower(self, *args, **kwargs) -> Lowered:
@@ -553,7 +556,7 @@ class Pmap2:
         compiled = entry.compiled
         dyn = compiled.place([leaves[i] for i in entry.dyn_index])
         lowered = compiled.run.lower(*compiled.const_values(), *dyn)
-        return Lowered(lowered, entry, treedef, sig[1], self._check)
+        return Lowered(lowered, entry, treedef, sig[1], self._check, self.axis_name)
 
     # -- once per signature
 
