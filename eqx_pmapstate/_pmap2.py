@@ -598,7 +598,10 @@ class Pmap2:
             self._compiles.compiled(
                 self.fun, key, lambda: leaf_names(args, kwargs, _where)
             )
-        fast = _Fast(entry, tuple(walk.guards))
+        # One guard per global name or cell (a name read by two functions of one
+        # module is checked once).
+        unique = {(id(g.container), g.name): g for g in walk.guards}
+        fast = _Fast(entry, tuple(unique.values()))
         if not any(isinstance(c(), Tracer) for c in entry.compiled.consts):
             self._fast[sig] = fast
         return fast
