@@ -89,12 +89,41 @@ class _Axis(NamedTuple):
         flat = jax.lax.all_gather(s.local, self.name, tiled=True)
         return flat[: int(np.prod(s.shape, dtype=np.int64))].reshape(s.shape)
 
-    def mean_slice(self, g) -> _Sliced:
-        """This device's slice of the mean of `g` over the devices."""
-        k, flat = self.length(jnp.shape(g)), jnp.ravel(g)
-        flat = jnp.pad(flat, (0, k * self.size - flat.size))
-        total = jax.lax.psum_scatter(flat, self.name, scatter_dimension=0, tiled=True)
-        return _Sliced(total / self.size, jnp.shape(g))
+    def mean_slices(self, grads: Sequence) -> list[_Sliced]:
+        """This device's slice of the mean over the devices of each of `grads`: one
+        reduce-scatter per dtype, of every gradient's padded elements side by side."""
+        out: list = [None] * len(grads)
+        for dtype, at in _by_dtype(grads).items():
+            ks = [self.length(jnp.shape(grads[i])) for i in at]
+            rows = [self._rows(grads[i], k) for i, k in zip(at, ks)]
+            flat = jnp.concatenate(rows, axis=1).reshape(-1)
+            total = jax.lax.psum_scatter(flat, self.name, tiled=True) / self.size
+            for i, part in zip(at, _split(total, ks)):
+                out[i] = _Sliced(part.astype(dtype), jnp.shape(grads[i]))
+        return out
+
+    def wholes(self, values: Sequence) -> list:
+        """The whole value of each of `values` (slices are gathered, one all-gather per
+        dtype; the others are whole already)."""
+        out = list(values)
+        slices = [i for i, v in enumerate(values) if isinstance(v, _Sliced)]
+        for _, at in _by_dtype([values[i].local for i in slices]).items():
+            at = [slices[j] for j in at]
+            ks = [values[i].local.shape[0] for i in at]
+            local = jnp.concatenate([values[i].local for i in at])
+            rows = jax.lax.all_gather(local, self.name, tiled=True)
+            rows = rows.reshape(self.size, sum(ks))
+            for i, part in zip(at, _split(rows, ks, axis=1)):
+                shape = values[i].shape
+                size = int(np.prod(shape, dtype=np.int64))
+                out[i] = part.reshape(-1)[:size].reshape(shape)
+        return out
+
+    def _rows(self, x, k: int):
+        """`x` flattened, padded to `n * k` elements, as `(n, k)`: row `i` is device
+        `i`'s slice."""
+        flat = jnp.ravel(x)
+        return jnp.pad(flat, (0, k * self.size - flat.size)).reshape(self.size, k)
 
     def valid(self, s: _Sliced):
         """Which elements of the slice are elements of the value (not padding)."""
@@ -106,6 +135,23 @@ class _Axis(NamedTuple):
         """The same slice, computed from the device's index, so that `pmap2`'s proof
         sees it differ between devices and lays it out with a device axis."""
         return _Sliced(jnp.where(self.index >= 0, s.local, s.local), s.shape)
+
+
+def _by_dtype(xs: Sequence) -> dict:
+    """The positions of `xs`, grouped by dtype (in order of first appearance)."""
+    groups: dict = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(jnp.result_type(x), []).append(i)
+    return groups
+
+
+def _split(x, sizes: Sequence[int], axis: int = 0) -> list:
+    """`x` cut along `axis` into consecutive pieces of `sizes`."""
+    out, start = [], 0
+    for k in sizes:
+        out.append(jax.lax.slice_in_dim(x, start, start + k, axis=axis))
+        start += k
+    return out
 
 
 def _whole(ax: _Axis, v):
@@ -365,7 +411,7 @@ class Zero(eqx.Module):
         up_structs, up_def = jtu.tree_flatten(out_tree[0])
         st_structs, st_def = jtu.tree_flatten(out_tree[1])
         n_up = len(up_structs)
-        new_updates = up_def.unflatten([_whole(ax, v) for v in outs[:n_up]])
+        new_updates = up_def.unflatten(ax.wholes(outs[:n_up]))
         new_state = st_def.unflatten(
             [
                 _state_leaf(ax, v, s)
@@ -386,7 +432,7 @@ def _sliced_inputs(ax: _Axis, args, full_state) -> list:
     """The inputs of the traced `update`, as the evaluator takes them: the gradients'
     mean and the parameters as slices, the state's sliced leaves as slices."""
     updates, state, params, extra = args
-    ins = [ax.mean_slice(g) for g in jtu.tree_leaves(updates)]
+    ins: list = ax.mean_slices(jtu.tree_leaves(updates))
     for x, s in zip(jtu.tree_leaves(state), jtu.tree_leaves(full_state), strict=True):
         ins.append(_Sliced(x, tuple(s.shape)) if _is_sliced_leaf(s) else x)
     ins += [ax.slice_of(p) for p in jtu.tree_leaves(params)]
