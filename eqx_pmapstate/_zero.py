@@ -454,11 +454,13 @@ def _check_state(ax: _Axis, state, full_state) -> None:
     for (path, x), s in zip(flat, jtu.tree_leaves(full_state)):
         shape = tuple(s.shape)
         want = (ax.length(shape),) if _is_sliced_leaf(s) else shape
-        if tuple(jnp.shape(x)) != want:
+        got = (tuple(jnp.shape(x)), jnp.result_type(x))
+        if got != (want, s.dtype):
             raise ValueError(
-                f"The leaf state{jtu.keystr(path)} of the optimizer state has shape "
-                f"{tuple(jnp.shape(x))} on each device, but `zero` keeps it as {want} "
-                f"(the whole shape {shape} over {ax.size} devices). Pass the state made "
+                f"The leaf state{jtu.keystr(path)} of the optimizer state is "
+                f"{got[1]}{list(got[0])} on each device, but `zero` keeps it as "
+                f"{s.dtype}{list(want)} (the whole shape {shape} over {ax.size} "
+                "devices). Pass the state made "
                 "by `zero(...).init` inside a `pmap2` function over the same devices "
                 "(a state of the unwrapped transformation, or one made for another "
                 "number of devices, does not fit)."

@@ -264,7 +264,7 @@ def test_a_state_of_the_plain_transformation_is_refused_naming_the_leaf():
         step(model, plain, *batch(0))
     message = str(info.value)
     assert "state[0].mu.mlp.layers[0].weight" in message
-    assert "(7, 5)" in message and "(5,)" in message
+    assert "float32[7, 5] on each device" in message and "float32[5]" in message
 
 
 def test_a_state_of_another_transformation_is_refused():
@@ -303,3 +303,40 @@ def test_another_axis_name():
         assert a.sharding.spec == jax.sharding.PartitionSpec(
             *(("batch",) if b.ndim else ())
         )
+
+
+def test_params_may_be_left_out_and_extra_args_are_passed_on():
+    # `reduce_on_plateau` reads the loss (an extra argument), sgd no parameters.
+    def make():
+        return optax.chain(
+            optax.sgd(0.1),
+            optax.contrib.reduce_on_plateau(
+                factor=0.5, patience=0, accumulation_size=1
+            ),
+        )
+
+    opt, ref = ep.zero(make()), make()
+
+    def step_of(tx, average):
+        @ep.pmap2
+        def step(model, opt_state, x, y):
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+            loss, grads = jax.value_and_grad(loss_fn)(params, static, x, y)
+            loss = jax.lax.pmean(loss, "devices")
+            if average:
+                grads = jax.lax.pmean(grads, "devices")
+            updates, opt_state = tx.update(grads, opt_state, value=loss)
+            return eqx.apply_updates(model, updates), opt_state
+
+        return step
+
+    model = make_model()
+    a = (model, ep.pmap2(lambda m: opt.init(params_of(m)))(model))
+    b = (model, ep.pmap2(lambda m: ref.init(params_of(m)))(model))
+    for i in range(5):
+        a = step_of(opt, False)(*a, *batch(i))
+        b = step_of(ref, True)(*b, *batch(i))
+    assert_same_params(a[0], b[0])
+    scale = a[1][1].scale
+    assert_laid_out(scale, None)
+    assert float(scale) == float(b[1][1].scale) < 1.0  # the plateau was reached
