@@ -257,8 +257,8 @@ class _Evaluator:
         # Shapes that keep the elements in their flattened order keep the slice.
         if not isinstance(x, _Sliced) or np.prod(shape) != np.prod(x.shape):
             return None
-        if eqn.params.get("dimensions") is not None:
-            return None
+        if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+            return None  # a transpose first
         dims = eqn.params.get("broadcast_dimensions")
         if dims is not None and list(dims) != sorted(dims):
             return None
@@ -383,7 +383,10 @@ class Zero(eqx.Module):
             `jax.lax.pmean` gives the same result, at the cost of a second reduction).
         - `state`: the state from `init` or from the previous `update`.
         - `params`: the parameters (replicated), for transformations that read them.
-        - `extra_args`: passed on to the wrapped `update`, whole.
+        - `extra_args`: passed on to the wrapped `update`, whole; floating-point
+            arrays averaged over the devices first (the loss for
+            `optax.contrib.reduce_on_plateau`: its mean), others as they are (they
+            must be the same on every device).
 
         **Returns:**
 
@@ -436,7 +439,15 @@ def _sliced_inputs(ax: _Axis, args, full_state) -> list:
     for x, s in zip(jtu.tree_leaves(state), jtu.tree_leaves(full_state), strict=True):
         ins.append(_Sliced(x, tuple(s.shape)) if _is_sliced_leaf(s) else x)
     ins += [ax.slice_of(p) for p in jtu.tree_leaves(params)]
-    return ins + jtu.tree_leaves(extra)
+    return ins + [_mean_if_inexact(ax, x) for x in jtu.tree_leaves(extra)]
+
+
+def _mean_if_inexact(ax: _Axis, x):
+    # A per-device value (a loss not averaged) would be mixed with the others' through
+    # the slices: its mean over the devices is taken, as for the gradients.
+    if eqx.is_inexact_array(x):
+        return jax.lax.pmean(x, ax.name)
+    return x
 
 
 def _check_state(ax: _Axis, state, full_state) -> None:

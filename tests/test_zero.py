@@ -305,8 +305,9 @@ def test_another_axis_name():
         )
 
 
-def test_params_may_be_left_out_and_extra_args_are_passed_on():
-    # `reduce_on_plateau` reads the loss (an extra argument), sgd no parameters.
+def test_params_may_be_left_out_and_extra_args_are_averaged_and_passed_on():
+    # `reduce_on_plateau` reads the loss (an extra argument, given per device here), sgd
+    # no parameters.
     def make():
         return optax.chain(
             optax.sgd(0.1),
@@ -322,9 +323,8 @@ def test_params_may_be_left_out_and_extra_args_are_passed_on():
         def step(model, opt_state, x, y):
             params, static = eqx.partition(model, eqx.is_inexact_array)
             loss, grads = jax.value_and_grad(loss_fn)(params, static, x, y)
-            loss = jax.lax.pmean(loss, "devices")
-            if average:
-                grads = jax.lax.pmean(grads, "devices")
+            if average:  # zero averages the loss as it does the gradients
+                grads, loss = jax.lax.pmean((grads, loss), "devices")
             updates, opt_state = tx.update(grads, opt_state, value=loss)
             return eqx.apply_updates(model, updates), opt_state
 
