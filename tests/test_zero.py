@@ -340,3 +340,24 @@ def test_params_may_be_left_out_and_extra_args_are_averaged_and_passed_on():
     scale = a[1][1].scale
     assert_laid_out(scale, None)
     assert float(scale) == float(b[1][1].scale) < 1.0  # the plateau was reached
+
+
+def test_reductions_over_whole_parameters_leave_the_padding_out():
+    # Per parameter: a max whose padding (gradient 0) would win, a mean (the whole
+    # size, not the slice's), a reshape and a squeeze that keep the slice, and a norm
+    # that is a product (computed on the gathered whole value).
+    def update(grads, state, params=None):
+        def one(g):
+            top = jnp.max(-(g**2) - 1.0)  # < -1; the padding would give -1
+            flat = jnp.squeeze(jnp.reshape(g, (1, -1)), 0)
+            return top * (g - jnp.mean(flat)) / (1.0 + jnp.vdot(flat, flat))
+
+        return jax.tree.map(one, grads), state
+
+    tx = optax.chain(
+        optax.GradientTransformation(lambda p: optax.EmptyState(), update),
+        optax.sgd(0.1),
+    )
+    model, *_ = train_zero(tx, steps=3)
+    ref, *_ = train_replicated(tx, steps=3)
+    assert_same_params(model, ref)
