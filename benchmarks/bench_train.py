@@ -60,8 +60,9 @@ at both sizes, and faster per step than `eqx.filter_pmap`.
 `--zero` measures instead the optimizer state sharded over the devices
 (`eqx_pmapstate.zero(optax.adam(...))`, no `pmean`) against `pmean` + the same
 `optax.adam` with a replicated state, both as `pmap2` steps, at the sizes given (`small`,
-`large`, and `67m`: about 67M parameters, which needs some 12 GB of host memory for 8 CPU
-devices): the optimizer state's bytes on one device, the compiled step's memory on one
+`large`, and `67m`: about 67M parameters, whose two variants run one after the other,
+as both at once need more than 23 GB of host memory for 8 CPU devices): the optimizer
+state's bytes on one device, the compiled step's memory on one
 device from XLA (`memory_analysis()` of `Pmap2.lower(...).compile()`: arguments, outputs,
 temporaries, and their sum), and the median time per step over `--rounds` interleaved
 rounds, after checking that both reach the same parameters. Targets: the state per device
