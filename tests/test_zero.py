@@ -346,16 +346,19 @@ def test_reductions_over_whole_parameters_leave_the_padding_out():
     # Per parameter: a max whose padding (gradient 0) would win, a mean (the whole
     # size, not the slice's), a reshape and a squeeze that keep the slice, and a norm
     # that is a product (computed on the gathered whole value).
-    def update(grads, state, params=None):
+    def init(params):
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
         def one(g):
             top = jnp.max(-(g**2) - 1.0)  # < -1; the padding would give -1
             flat = jnp.squeeze(jnp.reshape(g, (1, -1)), 0)
             return top * (g - jnp.mean(flat)) / (1.0 + jnp.vdot(flat, flat))
 
-        return jax.tree.map(one, grads), state
+        return jax.tree.map(one, updates), state
 
     tx = optax.chain(
-        optax.GradientTransformation(lambda p: optax.EmptyState(), update),
+        optax.GradientTransformation(init, update),
         optax.sgd(0.1),
     )
     model, *_ = train_zero(tx, steps=3)
