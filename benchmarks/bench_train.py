@@ -56,6 +56,20 @@ variant the medians, ratios to the floor, trace counts and errors) as JSON, for
 
 Targets: `pmap2` at most 1.05x the floor per step and at most 1.3x the floor's first call,
 at both sizes, and faster per step than `eqx.filter_pmap`.
+
+`--zero` measures instead the optimizer state sharded over the devices
+(`eqx_pmapstate.zero(optax.adam(...))`, no `pmean`) against `pmean` + the same
+`optax.adam` with a replicated state, both as `pmap2` steps, at the sizes given (`small`,
+`large`, and `67m`: about 67M parameters, whose two variants run one after the other,
+as both at once need more than 23 GB of host memory for 8 CPU devices): the optimizer
+state's bytes on one device, the compiled step's memory on one
+device from XLA (`memory_analysis()` of `Pmap2.lower(...).compile()`: arguments, outputs,
+temporaries, and their sum), and the median time per step over `--rounds` interleaved
+rounds, after checking that both reach the same parameters. Targets: the state per device
+at most 1/n of the replicated one plus the padding; the compiled step's total lower by
+at least the state saved; the step at most 1.05x the replicated one's:
+
+    .venv/bin/python benchmarks/bench_train.py --zero --sizes small large --json benchmarks/results/bench_zero_cpu.json
 """
 
 from __future__ import annotations
@@ -84,6 +98,9 @@ LEARNING_RATE = 1e-3
 SIZES = {  # eqx.nn.MLP arguments
     "small": dict(in_size=16, out_size=1, width_size=64, depth=3),  # 9,473 params
     "large": dict(in_size=16, out_size=1, width_size=512, depth=4),  # 797,185 params
+}
+ZERO_SIZES = {  # `--zero` only: too slow for the first-call measurements
+    "67m": dict(in_size=16, out_size=1, width_size=4096, depth=5),  # 67,198,977 params
 }
 FLOOR = "jax.jit (floor)"
 VARIANTS = (FLOOR, "eqx.filter_jit", "eqx.filter_pmap", "pmap2")
@@ -569,7 +586,14 @@ def to_json(per_step: dict, all_rows: dict, args, info: dict) -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=list(SIZES))
+    p.add_argument(
+        "--sizes", nargs="+", choices=sorted(SIZES | ZERO_SIZES), default=list(SIZES)
+    )
+    p.add_argument(
+        "--zero",
+        action="store_true",
+        help="the optimizer state sharded (`eqx_pmapstate.zero`) against pmean + optax",
+    )
     p.add_argument("--rounds", type=int, help=f"per-step rounds ({DEFAULTS['rounds']})")
     p.add_argument(
         "--steps-per-round",
@@ -616,6 +640,10 @@ def main(argv=None) -> int:
     if args.variant is not None:
         print(MARK + json.dumps(child(args)), flush=True)
         return 0
+    if args.zero:
+        return bench_zero(args, argv)
+    if set(args.sizes) - set(SIZES):
+        raise SystemExit(f"--sizes {sorted(ZERO_SIZES)} are measured with --zero only.")
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -657,6 +685,204 @@ def main(argv=None) -> int:
     if args.json:
         write_json(args.json, to_json(per_step, all_rows, args, info))
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- --zero
+
+
+ZERO_VARIANTS = ("pmean + optax", "zero")
+
+
+def zero_step(optimizer, sharded: bool):
+    """The per-device step: `pmean` of the gradients then `optimizer`, or `zero`'s."""
+
+    def step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(mse)(model, x, y)
+        if not sharded:
+            grads = jax.lax.pmean(grads, AXIS)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return eqx.apply_updates(model, updates), opt_state, jax.lax.pmean(loss, AXIS)
+
+    return step
+
+
+def state_bytes_per_device(tree) -> int:
+    """The bytes of the arrays of `tree` that the first device holds."""
+    device = jax.devices()[0]
+    return sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(tree)
+        for s in x.addressable_shards
+        if s.device == device
+    )
+
+
+def zero_problem(size: str, batch: int):
+    import eqx_pmapstate as ep
+
+    kw = (SIZES | ZERO_SIZES)[size]
+    model = ep.pmap2_new_states(
+        lambda key: eqx.nn.MLP(**kw, activation=jax.nn.relu, key=key),
+        {"key": jax.random.key(0)},
+        state_out_axes={None: eqx.is_inexact_array},
+    )
+    n = jax.device_count()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, batch // n, kw["in_size"]), dtype=np.float32)
+    y = np.sin(x[..., : kw["out_size"]])
+    per = NamedSharding(make_mesh(), P(AXIS))
+    return model, jax.device_put(x, per), jax.device_put(y, per)
+
+
+def zero_variant(name: str, model, x, y) -> tuple[dict, list]:
+    """One variant's optimizer state and compiled step: its memory, and `[step, model,
+    opt_state]` to run."""
+    import eqx_pmapstate as ep
+
+    sharded = name == "zero"
+    adam = optax.adam(LEARNING_RATE)
+    opt = ep.zero(adam) if sharded else adam
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt_state = ep.pmap2(lambda p: opt.init(p))(params)
+    step = ep.pmap2(zero_step(opt, sharded))
+    stats = step.lower(model, opt_state, x, y).compile().executable.memory_analysis()
+    row = {
+        "state_bytes_per_device": state_bytes_per_device(opt_state),
+        "argument_bytes": stats.argument_size_in_bytes,
+        "output_bytes": stats.output_size_in_bytes,
+        "alias_bytes": stats.alias_size_in_bytes,
+        "temp_bytes": stats.temp_size_in_bytes,
+    }
+    row["total_bytes"] = row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
+    return row, [step, model, opt_state]
+
+
+def time_zero(runs: dict, x, y, args) -> dict:
+    """Seconds per step of each run, one entry per round (interleaved)."""
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, r in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                r[1], r[2], loss = r[0](r[1], r[2], x, y)
+            jax.block_until_ready((r[1], r[2], loss))
+            times[name].append((time.perf_counter() - t0) / args.steps_per_round)
+    return times
+
+
+def bench_zero_size(size: str, args) -> dict:
+    model, x, y = zero_problem(size, args.batch)
+    out = {"n_params": n_params(model), "variants": {}}
+    # Both variants at once do not fit in the host memory of 8 CPU devices at 67M
+    # parameters: there, one after the other (their rounds are then not interleaved).
+    sequential = size in ZERO_SIZES
+    out["interleaved"] = not sequential
+    runs, checked, times = {}, {}, {}
+    for name in ZERO_VARIANTS:
+        out["variants"][name], r = zero_variant(name, model, x, y)
+        for _ in range(args.check_steps):
+            r[1], r[2], _loss = r[0](r[1], r[2], x, y)
+        leaves = jax.tree.leaves(eqx.filter(r[1], eqx.is_array))
+        checked[name] = [np.asarray(a) for a in leaves]
+        runs[name] = r
+        if sequential:
+            times.update(time_zero(runs, x, y, args))
+            runs.clear()
+            del r
+    times.update(time_zero(runs, x, y, args))
+    a, b = (checked[v] for v in ZERO_VARIANTS)
+    out["max_abs_diff"] = max(float(np.max(np.abs(u - w))) for u, w in zip(a, b))
+    for name in ZERO_VARIANTS:
+        out["variants"][name]["step_s"] = statistics.median(times[name])
+        out["variants"][name]["step_times_s"] = times[name]
+    return out
+
+
+def zero_targets(result: dict) -> list[tuple[str, bool]]:
+    n = jax.device_count()
+    rep, zero = (result["variants"][v] for v in ZERO_VARIANTS)
+    # Padding: at most n - 1 elements (4 bytes) per leaf of a parameter's shape.
+    padding = 4 * (n - 1) * result["n_state_leaves"]
+    saved = rep["state_bytes_per_device"] - zero["state_bytes_per_device"]
+    return [
+        (
+            "optimizer state per device at most 1/n of the replicated one + padding",
+            zero["state_bytes_per_device"]
+            <= rep["state_bytes_per_device"] / n + padding,
+        ),
+        (
+            "compiled step's memory lower by at least the state saved",
+            rep["total_bytes"] - zero["total_bytes"] >= saved,
+        ),
+        (
+            f"step at most {STEP_TARGET}x pmean + optax",
+            zero["step_s"] <= STEP_TARGET * rep["step_s"],
+        ),
+    ]
+
+
+def bench_zero(args, argv) -> int:
+    n = jax.device_count()
+    print(
+        f"JAX {jax.__version__}, backend {jax.default_backend()}, {n} device(s), "
+        f"{os.cpu_count()} cores; {library()}; optax.adam, batch {args.batch}; per "
+        f"step: median of {args.rounds} interleaved rounds of {args.steps_per_round}"
+    )
+    results, all_met = {}, True
+    for size in args.sizes:
+        r = results[size] = bench_zero_size(size, args)
+        kw = (SIZES | ZERO_SIZES)[size]
+        r["n_state_leaves"] = 2 * 2 * (kw["depth"] + 1)  # mu and nu of each w and b
+        print(f"\n== {size}: MLP {kw}, {r['n_params']:,} parameters ==")
+        print(
+            "| variant       | state/device (MiB) | arguments | outputs | temporaries "
+            "| total (MiB) | step (ms) |"
+        )
+        print(
+            "|---------------|--------------------|-----------|---------|-------------|-------------|-----------|"
+        )
+        for v, row in r["variants"].items():
+            mib = [
+                row[k] / 2**20
+                for k in ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")
+            ]
+            print(
+                f"| {v:<13} | {row['state_bytes_per_device'] / 2**20:18.3f} | "
+                f"{mib[0]:9.3f} | {mib[1]:7.3f} | {mib[2]:11.3f} | {mib[3]:11.3f} | "
+                f"{row['step_s'] * 1e3:9.3f} |"
+            )
+        rep, zero = (r["variants"][v] for v in ZERO_VARIANTS)
+        print(
+            f"state {rep['state_bytes_per_device'] / zero['state_bytes_per_device']:.2f}x "
+            f"smaller; step {zero['step_s'] / rep['step_s']:.3f}x; max |params zero - "
+            f"pmean| after {args.check_steps} steps: {r['max_abs_diff']:.2e}"
+        )
+        for text, met in zero_targets(r):
+            all_met &= met
+            print(f"target ({size}): {text}: {'met' if met else 'NOT met'}")
+    print(f"\nall targets: {'met' if all_met else 'NOT all met'}")
+    if args.json:
+        info = {
+            "benchmark": "bench_train --zero",
+            "source": "measured: written by benchmarks/bench_train.py --zero --json",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "command": " ".join(
+                ["benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "machine": machine(),
+            "settings": {
+                "batch": args.batch,
+                "rounds": args.rounds,
+                "steps_per_round": args.steps_per_round,
+                "check_steps": args.check_steps,
+            },
+            "sizes": results,
+        }
+        write_json(args.json, info)
+    return 0
 
 
 def write_json(path: str, results: dict) -> None:

@@ -28,6 +28,7 @@ from ._state import (
     State as State,
 )
 from ._typing import per_device as per_device, PerDevice as PerDevice
+from ._zero import Zero as Zero, zero as zero
 
 
 # The version lives in pyproject.toml only: read it from the installed package's metadata.

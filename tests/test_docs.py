@@ -83,7 +83,7 @@ def _all_pages() -> list[str]:
 # optax mixes Python floats with int32 step counters, which strict promotion refuses; the
 # pages that train with optax are run with JAX's default (standard) promotion, as their
 # readers run them.
-PROMOTION = {"tutorials/training.md": "standard"}
+PROMOTION = {"tutorials/training.md": "standard", "tutorials/zero.md": "standard"}
 
 # The errors that `.xfail` blocks may raise: substrings of their messages.
 KNOWN_ISSUES: dict[str, str] = {
