@@ -66,23 +66,69 @@ def _is_key(x) -> bool:
     )
 
 
-def _stored(x):
-    """An array as stored: PRNG keys as their raw data."""
-    return jax.random.key_data(x) if _is_key(x) else x
+def _stored(x, kind: str):
+    """An array as stored: PRNG keys as their raw data, and with Orbax, a dtype that
+    TensorStore cannot write as an integer dtype of the same bits."""
+    if _is_key(x):
+        return jax.random.key_data(x)
+    encoded = _encoded_dtype(x.dtype) if kind == "orbax" else None
+    return x if encoded is None else _convert(x, encoded)
 
 
-def _stored_like(x):
+def _stored_like(x, kind: str):
     """What an array of `like` is read as (for keys: the shape of their raw data)."""
-    if not _is_key(x):
+    if _is_key(x):
+        data = jax.eval_shape(
+            jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype)
+        )
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    encoded = _encoded_dtype(x.dtype) if kind == "orbax" else None
+    if encoded is None:
         return x
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.ShapeDtypeStruct(x.shape, encoded, sharding=x.sharding)
 
 
 def _restored(value, like):
-    if not _is_key(like):
-        return value
-    return jax.random.wrap_key_data(value, impl=_key_impl(like))
+    if _is_key(like):
+        return jax.random.wrap_key_data(value, impl=_key_impl(like))
+    if value.dtype != like.dtype:  # stored as another dtype of the same bits
+        return _convert(value, like.dtype)
+    return value
+
+
+def _encoded_dtype(dtype):
+    """The dtype Orbax stores `dtype` as: None when TensorStore writes it as it is (every
+    NumPy dtype, bfloat16, most float8 types); else an unsigned integer of the same width
+    for a float (its bits), or an 8-bit integer for a sub-byte integer (its value)."""
+    dtype = np.dtype(dtype)
+    if _numpy_names(dtype):  # a NumPy dtype
+        return None
+    import tensorstore
+
+    try:
+        tensorstore.dtype(dtype)
+    except (ValueError, TypeError):
+        pass
+    else:
+        return None
+    if jnp.issubdtype(dtype, jnp.integer):
+        return np.dtype(
+            jnp.int8 if jnp.issubdtype(dtype, jnp.signedinteger) else jnp.uint8
+        )
+    if jnp.finfo(dtype).bits in (8, 16):
+        return np.dtype(np.uint8 if jnp.finfo(dtype).bits == 8 else np.uint16)
+    return np.dtype(jnp.float32)  # a float of fewer bits: every value fits exactly
+
+
+def _convert(x, dtype):
+    """`x` as `dtype`, bit for bit: a float and an integer of as many bits reinterpret
+    the bits; otherwise the values are converted (exact for the pairs above)."""
+    a, b = np.dtype(x.dtype), np.dtype(dtype)
+    floating, other = (a, b) if jnp.issubdtype(a, jnp.floating) else (b, a)
+    if jnp.issubdtype(floating, jnp.floating) and jnp.issubdtype(other, jnp.integer):
+        if jnp.finfo(floating).bits == 8 * other.itemsize:
+            return jax.lax.bitcast_convert_type(x, dtype)
+    return x.astype(dtype)
 
 
 def _key_impl(like):
@@ -115,14 +161,14 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     Nothing. With Orbax, the checkpoint is complete (committed) when `save` returns.
     """
     kind = _backend(path, backend, saving=True)
-    arrays = jtu.tree_map(_stored, eqx.filter(tree, eqx.is_array))
+    arrays = jtu.tree_map(lambda x: _stored(x, kind), eqx.filter(tree, eqx.is_array))
     if kind == "orbax":
         ocp = _orbax()
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(os.fspath(path)), arrays)
         checkpointer.wait_until_finished()
     else:
-        eqx.tree_serialise_leaves(pathlib.Path(path), arrays)
+        eqx.tree_serialise_leaves(pathlib.Path(path), arrays, filter_spec=_write)
 
 
 def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> Any:
@@ -153,7 +199,7 @@ def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> An
     """
     kind = _backend(path, backend, saving=False)
     like_arrays = eqx.filter(like, _is_array_or_struct)
-    target = jtu.tree_map(_stored_like, abstract(like_arrays))
+    target = jtu.tree_map(lambda x: _stored_like(x, kind), abstract(like_arrays))
     if kind == "orbax":
         arrays = _load_orbax(path, target)
     else:
@@ -210,7 +256,7 @@ def _load_equinox(path, target):
     def read(f, x):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return eqx.default_deserialise_filter_spec(f, x)
-        value = np.load(f)
+        value = _as_dtype_of(np.load(f), x)
         wrong = _mismatch(next(paths), value.shape, value.dtype, x)
         if wrong:
             bad.append(wrong)
@@ -225,6 +271,39 @@ def _load_equinox(path, target):
         raise
     _raise_mismatches(bad)
     return out
+
+
+def _numpy_names(dtype) -> bool:
+    """Whether NumPy's file format names `dtype` so that it reads it back (not so for
+    ml_dtypes' dtypes: bfloat16 is written as raw bytes, float8_e5m2 as `<f1`)."""
+    dtype = np.dtype(dtype)
+    try:
+        descr = np.lib.format.dtype_to_descr(dtype)
+        return np.lib.format.descr_to_dtype(descr) == dtype
+    except (TypeError, ValueError):
+        return False
+
+
+def _write(f, x) -> None:
+    """Writes one leaf with NumPy. A dtype NumPy cannot name in a file (ml_dtypes':
+    bfloat16, float8, int4; it would write raw bytes, `|V2`, or a name it cannot read
+    back) is written as its bits, an unsigned integer of as many bytes."""
+    if isinstance(x, jax.Array) and not _numpy_names(x.dtype):
+        itemsize = np.dtype(x.dtype).itemsize
+        np.save(f, np.asarray(x).view(np.dtype(f"u{itemsize}")))
+    else:
+        eqx.default_serialise_filter_spec(f, x)
+
+
+def _as_dtype_of(value: np.ndarray, x):
+    """A value read for leaf `x` of `like`, whose dtype NumPy cannot name: its bits (an
+    unsigned integer, as `_write` writes them, or raw bytes, as older files hold them)
+    read as that dtype."""
+    wanted = np.dtype(x.dtype)
+    if not _numpy_names(wanted) and value.dtype.kind in "uV":
+        if value.dtype.itemsize == wanted.itemsize:
+            return value.view(wanted)
+    return value
 
 
 def _mismatch(path, shape, dtype, x) -> str | None:
