@@ -383,7 +383,7 @@ def _new_states(
     axis_name,
     what: str,
     run: bool | None = True,
-):
+) -> Any:
     _refuse_nesting(what)
     init_form = _is_init_form(module, what)
     kwargs, in_axes_of = _checked_kwargs(init_kwargs, init_in_axes, state_tag)

@@ -25,7 +25,7 @@ class Recount(NamedTuple):
     path: tuple
     axis: int  # its device axis
     saved: int  # its entries on disk
-    count: int  # its entries in `like`
+    wanted: int  # its entries in `like`
     choice: Any
     sharding: NamedSharding  # `like`'s
 
@@ -62,7 +62,7 @@ def refuse_unchosen_recounts(recounts) -> None:
             ALLOWED,
             "load",
             f"the checkpoint was made for another number of devices: it has {r.saved} "
-            f"entries along their device axis, and `like` {r.count}",
+            f"entries along their device axis, and `like` {r.wanted}",
         )
 
 
@@ -89,7 +89,7 @@ def refuse_abstract_meshes(flat) -> None:
 def recount(value, r: Recount, like):
     """The saved per-device leaf `value` (its `r.saved` entries along `r.axis`) as the
     entries of `like`, laid out as `like`."""
-    m = r.count
+    m = r.wanted
     if r.choice == "leading":
         if m > r.saved:
             raise ValueError(
@@ -99,7 +99,8 @@ def recount(value, r: Recount, like):
             )
         out = jax.lax.slice_in_dim(value, 0, m, axis=r.axis)
     elif callable(r.choice) and not isinstance(r.choice, str):
-        out = jnp.moveaxis(r.choice(jnp.moveaxis(value, r.axis, 0)), 0, r.axis)
+        made = r.choice(jnp.moveaxis(value, r.axis, 0))
+        out = jnp.moveaxis(jnp.asarray(made), 0, r.axis)
         if out.shape != like.shape or out.dtype != like.dtype:
             raise ValueError(
                 f"The `per_device` callable made {out.dtype}{list(out.shape)} (device "
@@ -112,7 +113,8 @@ def recount(value, r: Recount, like):
             check_mean(r.path, like.dtype)
             one = jnp.mean(value, axis=r.axis, keepdims=True).astype(like.dtype)
         else:
-            index = check_index(r.path, 0 if r.choice == "first" else r.choice, r.saved)
+            choice = 0 if r.choice == "first" else int(r.choice)
+            index = check_index(r.path, choice, r.saved)
             one = jax.lax.index_in_dim(value, index, axis=r.axis, keepdims=True)
         out = jnp.repeat(one, m, axis=r.axis)
     return jax.device_put(out, r.sharding)
