@@ -116,6 +116,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# Orbax imports a name JAX 0.12 deprecates (the start of the message, as `-W` takes it)
+IGNORE = "ignore:jax.sharding.SingleDeviceSharding is deprecated:DeprecationWarning"
+
+
 def _run(tmp_path, devices: int, *args) -> dict:
     script = tmp_path / "count.py"
     script.write_text(SCRIPT)
@@ -128,7 +132,7 @@ def _run(tmp_path, devices: int, *args) -> dict:
             "-W",
             "error",
             "-W",
-            "ignore:.*SingleDeviceSharding.*:DeprecationWarning",
+            IGNORE,
             str(script),
             *args,
         ],
