@@ -3,8 +3,8 @@ leaf becomes (shared with `load` into another number of devices)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,6 @@ import numpy as np
 from ._mesh import _UNKNOWN, read_axis
 from ._tree import broadcast_prefix, keystr, paths_str
 
-
-Choice = Union[Literal["first", "mean", "whole", "leading"], int, Callable, None]
 
 _NAMES = {
     "first": "'first' (the first device's entry)",

@@ -1,5 +1,7 @@
 """Checkpoints that restore straight into the layout: `save`, `load`, `eval_new_states`."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,29 @@ def test_unknown_backend():
     assert "backend" in str(e.value) and "'pickle'" in str(e.value)
     if ours(e.value):  # (under jaxtyping's import hook, beartype refuses it first)
         assert "'auto', 'orbax' or 'equinox'" in str(e.value)
+
+
+def test_the_layout_for_more_devices_than_are_here(tmp_path):
+    # A user on 8 devices describes a checkpoint made on 16.
+    sixteen = ep.eval_new_states(
+        _make, {"key": jax.random.key(0)}, state_out_axes=AXES, axis_size=2 * N
+    )
+    seen = sixteen.seen.value
+    assert seen.shape == (2 * N,) and seen.dtype == jnp.int32
+    assert isinstance(seen.sharding.mesh, jax.sharding.AbstractMesh)
+    assert seen.sharding.mesh.shape == {"devices": 2 * N}
+    assert seen.sharding.spec == jax.sharding.PartitionSpec("devices")
+    assert sixteen.linear.weight.shape == (2, 3)  # replicated: as on any count
+    assert sixteen.linear.weight.sharding.spec == jax.sharding.PartitionSpec()
+    # global and per-device shapes
+    assert re.search(r"\.seen\.value .* \(16,\) +\(1,\) +int32", ep.describe(sixteen))
+    ep.save(tmp_path / "ckpt", _model())
+    with pytest.raises(ValueError) as e:
+        ep.load(tmp_path / "ckpt", sixteen)
+    assert str(e.value).startswith(
+        "The leaves at .linear.weight, .linear.bias, .seen.value, .key.value of `like` "
+        "are laid out over 16 devices that are not here (`eval_new_states` with an "
+        "`axis_size` larger than the 8 local devices)"
+    )
+    with pytest.raises(ValueError, match="larger than the number of local devices"):
+        ep.pmap2_new_states(_make, {"key": jax.random.key(0)}, axis_size=2 * N)

@@ -7,6 +7,7 @@ runs in its own."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -204,3 +205,51 @@ def test_four_to_eight(tmp_path):
     _check(saved, eight, 8, seen + seen, eight["values"]["[0].key.value"])
     keys = np.asarray(eight["values"]["[0].key.value"])
     assert len({tuple(k) for k in keys}) == 8  # fresh keys, one per device
+
+
+def test_two_processes_load_a_checkpoint_for_another_count(tmp_path):
+    # 2 processes x 4 devices save; the same processes load it on 2 x 2 devices (Orbax:
+    # each process reads the saved entries, then keeps the shards of its devices).
+    script = tmp_path / "two.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            import jax
+            import eqx_pmapstate as ep
+            ep.initialize_distributed()
+            import jax.numpy as jnp
+            import numpy as np
+
+            def build():
+                i = jax.lax.axis_index("devices")
+                return {"w": ep.NonBatchState(jnp.arange(3.0)),
+                        "s": ep.State(jnp.stack([i, 10 * i]))}
+
+            tree = ep.pmap2_new_states(build, state_out_axes={1: ...})
+            ep.save(sys.argv[1], tree, backend="orbax")
+            like = ep.eval_new_states(build, state_out_axes={1: ...}, axis_size=2)
+            for name, choice in [("leading", "leading"), ("5", 5), ("even", lambda a: a[::2])]:
+                got = ep.load(sys.argv[1], like, per_device=choice)
+                assert got["s"].value.sharding == like["s"].value.sharding
+                one = ep.to_one_device(got, per_device="whole")
+                print("got", name, [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(one)])
+            """
+        )
+    )
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "eqx_pmapstate.launch"]
+    cmd += ["--processes", "2", "--local-devices", "4", "--timeout", "170"]
+    cmd += [str(script), str(tmp_path / "ckpt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = re.findall(r"\[process (\d)\] got (.*)", proc.stdout)
+    w = [0.0, 1.0, 2.0]
+    for process in ("0", "1"):
+        assert [line for p, line in got if p == process] == [
+            f"leading {[[0, 1, 2, 3, 0, 10, 20, 30], w]}",
+            f"5 {[[5, 5, 5, 5, 50, 50, 50, 50], w]}",
+            f"even {[[0, 2, 4, 6, 0, 20, 40, 60], w]}",
+        ]
