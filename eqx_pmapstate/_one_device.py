@@ -99,7 +99,7 @@ def to_one_device(
     Each replicated array is copied from a shard this process holds (no communication).
     Each per-device array (one entry per device along its device axis, wherever that
     axis is) becomes what `per_device` says. Arrays not laid out over a one-dimensional
-    mesh are copied whole. Non-array leaves are kept.
+    mesh are copied whole. Other leaves (NumPy arrays too) are kept as they are.
 
     **Arguments:**
 
@@ -118,7 +118,7 @@ def to_one_device(
 
     **Returns:**
 
-    `tree` with every array on `device` (a `SingleDeviceSharding`): usable by
+    `tree` with every `jax.Array` on `device` (a `SingleDeviceSharding`): usable by
     `eqx.filter_jit`, `eqx.tree_serialise_leaves`, and [`eqx_pmapstate.relayout`][]
     back into the layout (with `per_device="whole"`, or when nothing is per device).
     With several processes, every process gets the same tree (per-device arrays whose
