@@ -118,7 +118,7 @@ def to_one_device(
 
     **Returns:**
 
-    `tree` with every `jax.Array` on `device` (a `SingleDeviceSharding`): usable by
+    `tree` with every `jax.Array` on `device` alone (no mesh): usable by
     `eqx.filter_jit`, `eqx.tree_serialise_leaves`, and [`eqx_pmapstate.relayout`][]
     back into the layout (with `per_device="whole"`, or when nothing is per device).
     With several processes, every process gets the same tree (per-device arrays whose

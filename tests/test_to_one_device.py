@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_laid_out, N
-from jax.sharding import SingleDeviceSharding
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import OfType, WithTag
@@ -55,7 +54,9 @@ def net():
 
 
 def _on(x, device):
-    return isinstance(x.sharding, SingleDeviceSharding) and x.devices() == {device}
+    # one device, and no mesh: an ordinary array (as `jnp.zeros(3)` on that device)
+    plain = jax.device_put(jnp.zeros(()), device).sharding
+    return x.devices() == {device} and x.sharding == plain
 
 
 def _keys(x):
