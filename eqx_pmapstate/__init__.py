@@ -18,6 +18,7 @@ from ._new_states import (
     pmap2_new_states as pmap2_new_states,
     vmap2_new_states as vmap2_new_states,
 )
+from ._one_device import to_one_device as to_one_device
 from ._pmap2 import Pmap2 as Pmap2, pmap2 as pmap2, StateAxes as StateAxes
 from ._relayout import abstract as abstract, relayout as relayout
 from ._state import (

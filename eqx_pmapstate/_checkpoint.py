@@ -20,8 +20,16 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._one_device import leaf_choices
+from ._recount import (
+    ALLOWED,
+    classify,
+    Recount,
+    recount,
+    refuse_abstract_meshes,
+    refuse_unchosen_recounts,
+)
 from ._relayout import abstract
-from ._tree import keystr
 
 
 Backend = Literal["auto", "orbax", "equinox"]
@@ -66,23 +74,69 @@ def _is_key(x) -> bool:
     )
 
 
-def _stored(x):
-    """An array as stored: PRNG keys as their raw data."""
-    return jax.random.key_data(x) if _is_key(x) else x
+def _stored(x, kind: str):
+    """An array as stored: PRNG keys as their raw data, and with Orbax, a dtype that
+    TensorStore cannot write as an integer dtype of the same bits."""
+    if _is_key(x):
+        return jax.random.key_data(x)
+    encoded = _encoded_dtype(x.dtype) if kind == "orbax" else None
+    return x if encoded is None else _convert(x, encoded)
 
 
-def _stored_like(x):
+def _stored_like(x, kind: str):
     """What an array of `like` is read as (for keys: the shape of their raw data)."""
-    if not _is_key(x):
+    if _is_key(x):
+        data = jax.eval_shape(
+            jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype)
+        )
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    encoded = _encoded_dtype(x.dtype) if kind == "orbax" else None
+    if encoded is None:
         return x
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+    return jax.ShapeDtypeStruct(x.shape, encoded, sharding=x.sharding)
 
 
 def _restored(value, like):
-    if not _is_key(like):
-        return value
-    return jax.random.wrap_key_data(value, impl=_key_impl(like))
+    if _is_key(like):
+        return jax.random.wrap_key_data(value, impl=_key_impl(like))
+    if value.dtype != like.dtype:  # stored as another dtype of the same bits
+        return _convert(value, like.dtype)
+    return value
+
+
+def _encoded_dtype(dtype):
+    """The dtype Orbax stores `dtype` as: None when TensorStore writes it as it is (every
+    NumPy dtype, bfloat16, most float8 types); else an unsigned integer of the same width
+    for a float (its bits), or an 8-bit integer for a sub-byte integer (its value)."""
+    dtype = np.dtype(dtype)
+    if _numpy_names(dtype):  # a NumPy dtype
+        return None
+    import tensorstore
+
+    try:
+        tensorstore.dtype(dtype)
+    except (ValueError, TypeError):
+        pass
+    else:
+        return None
+    if jnp.issubdtype(dtype, jnp.integer):
+        return np.dtype(
+            jnp.int8 if jnp.issubdtype(dtype, jnp.signedinteger) else jnp.uint8
+        )
+    if jnp.finfo(dtype).bits in (8, 16):
+        return np.dtype(np.uint8 if jnp.finfo(dtype).bits == 8 else np.uint16)
+    return np.dtype(jnp.float32)  # a float of fewer bits: every value fits exactly
+
+
+def _convert(x, dtype):
+    """`x` as `dtype`, bit for bit: a float and an integer of as many bits reinterpret
+    the bits; otherwise the values are converted (exact for the pairs above)."""
+    a, b = np.dtype(x.dtype), np.dtype(dtype)
+    floating, other = (a, b) if jnp.issubdtype(a, jnp.floating) else (b, a)
+    if jnp.issubdtype(floating, jnp.floating) and jnp.issubdtype(other, jnp.integer):
+        if jnp.finfo(floating).bits == 8 * other.itemsize:
+            return jax.lax.bitcast_convert_type(x, dtype)
+    return x.astype(dtype)
 
 
 def _key_impl(like):
@@ -115,23 +169,34 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     Nothing. With Orbax, the checkpoint is complete (committed) when `save` returns.
     """
     kind = _backend(path, backend, saving=True)
-    arrays = jtu.tree_map(_stored, eqx.filter(tree, eqx.is_array))
+    arrays = jtu.tree_map(lambda x: _stored(x, kind), eqx.filter(tree, eqx.is_array))
     if kind == "orbax":
         ocp = _orbax()
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.abspath(os.fspath(path)), arrays)
         checkpointer.wait_until_finished()
     else:
-        eqx.tree_serialise_leaves(pathlib.Path(path), arrays)
+        eqx.tree_serialise_leaves(pathlib.Path(path), arrays, filter_spec=_write)
 
 
-def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> Any:
+def load(
+    path: str | os.PathLike,
+    like: Any,
+    *,
+    per_device: Any = None,
+    backend: Backend = "auto",
+) -> Any:
     """Reads a checkpoint written by [`eqx_pmapstate.save`][] into the layout of `like`.
 
     Every array is created directly with the sharding of its counterpart in `like`: with
     Orbax, each process reads only its own shards; without it, each array is read on the
     host and put straight into its sharding. The result can go into a `pmap2` step as
     `like` would.
+
+    A checkpoint made for another number of devices loads into a `like` made for the
+    devices you have: replicated leaves are read as they are, and each per-device leaf
+    (saved with `n` entries along its device axis, `m` in `like`) becomes what
+    `per_device` says.
 
     **Arguments:**
 
@@ -140,6 +205,15 @@ def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> An
         [`eqx_pmapstate.abstract`][] of it, or
         [`eqx_pmapstate.eval_new_states`][] (nothing is computed to get it). Static
         fields and the tree's structure come from it.
+    - `per_device`: only for a checkpoint made for another number of devices, what each
+        per-device leaf becomes: `"first"` (the first saved device's entry, on every
+        device), an index (that saved device's entry, on every device), `"mean"` (the
+        mean of the saved entries, on every device; floating point only), `"leading"`
+        (the first `m` saved entries; needs `m <= n`), or a callable from the saved
+        array, device axis first, `(n, ...)`, to the new `(m, ...)` (for keys, for
+        example `lambda keys: jax.random.split(keys[0], m)`). One choice for every leaf,
+        or a pytree prefix of `like`, each subtree with its own. By default such leaves
+        are refused, naming them.
     - `backend`: `"orbax"`, `"equinox"`, or `"auto"` (from what `path` is).
 
     **Returns:**
@@ -148,17 +222,28 @@ def load(path: str | os.PathLike, like: Any, *, backend: Backend = "auto") -> An
 
     **Raises:**
 
-    `ValueError` naming the leaves whose shape or dtype on disk differs from `like`'s (a
-    checkpoint made for another number of devices has another device axis length).
+    `ValueError` naming the leaves whose shape or dtype on disk differs from `like`'s
+    (other than in the number of devices), the per-device leaves of a checkpoint made for
+    another number of devices when `per_device` is not given, and a `like` laid out for
+    devices that are not here.
     """
     kind = _backend(path, backend, saving=False)
     like_arrays = eqx.filter(like, _is_array_or_struct)
-    target = jtu.tree_map(_stored_like, abstract(like_arrays))
+    spec = abstract(like_arrays)
+    refuse_abstract_meshes(jtu.tree_flatten_with_path(spec)[0])
+    choices = leaf_choices(per_device, spec, ALLOWED, "load")
+    target = jtu.tree_map(lambda x: _stored_like(x, kind), spec)
     if kind == "orbax":
-        arrays = _load_orbax(path, target)
+        arrays, recounts = _load_orbax(path, target, choices)
     else:
-        arrays = _load_equinox(path, target)
+        arrays, recounts = _load_equinox(path, target, choices)
     arrays = jtu.tree_map(_restored, arrays, like_arrays)
+    flat, treedef = jtu.tree_flatten(arrays)
+    flat = [
+        x if r is None else recount(x, r, s)
+        for x, r, s in zip(flat, recounts, jtu.tree_leaves(spec), strict=True)
+    ]
+    arrays = treedef.unflatten(flat)
     return eqx.combine(arrays, eqx.filter(like, _is_array_or_struct, inverse=True))
 
 
@@ -166,12 +251,25 @@ def _is_array_or_struct(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _load_orbax(path, target):
+def _load_orbax(path, target, choices):
     ocp = _orbax()
     checkpointer = ocp.StandardCheckpointer()
     path = os.path.abspath(os.fspath(path))
-    _check_orbax_shapes(checkpointer, path, target)
-    return checkpointer.restore(path, target)
+    recounts = _check_orbax_shapes(checkpointer, path, target, choices)
+    flat, treedef = jtu.tree_flatten(target)
+    flat = [
+        x
+        if r is None
+        else jax.ShapeDtypeStruct(
+            _saved_shape(x, r), x.dtype, sharding=r.read_sharding()
+        )
+        for x, r in zip(flat, recounts)
+    ]
+    return checkpointer.restore(path, treedef.unflatten(flat)), recounts
+
+
+def _saved_shape(x, r) -> tuple:
+    return tuple(x.shape[: r.axis]) + (r.saved,) + tuple(x.shape[r.axis + 1 :])
 
 
 def _names(path) -> tuple:
@@ -185,55 +283,99 @@ def _names(path) -> tuple:
     return tuple(out)
 
 
-def _check_orbax_shapes(checkpointer, path, target) -> None:
-    """Names the leaves whose stored shape or dtype differs from `target` (Orbax's own
-    error gives the shapes only). Leaves it cannot pair up are left to Orbax."""
+def _check_orbax_shapes(checkpointer, path, target, choices) -> list:
+    """Per leaf of `target`, `None` (read as it is) or a `Recount` (a per-device leaf
+    saved for another number of devices); names the leaves whose stored shape or dtype
+    differs otherwise (Orbax's own error gives the shapes only). Leaves it cannot pair
+    up are left to Orbax."""
+    flat = jtu.tree_flatten_with_path(target)[0]
     try:
         stored = checkpointer.metadata(path)
         stored = getattr(stored, "item_metadata", stored)
         stored = getattr(stored, "tree", stored)
         on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(stored)[0]}
     except Exception:  # noqa: BLE001  (another layout of the metadata: Orbax checks)
-        return
-    bad = []
-    for p, x in jtu.tree_flatten_with_path(target)[0]:
+        return [None] * len(flat)
+    found = []
+    for (p, x), choice in zip(flat, choices, strict=True):
         m = on_disk.get(_names(p))
-        if m is not None and hasattr(m, "shape"):
-            bad.append(_mismatch(p, tuple(m.shape), getattr(m, "dtype", None), x))
-    _raise_mismatches([b for b in bad if b])
+        if m is None or not hasattr(m, "shape"):
+            found.append(None)
+        else:
+            found.append(classify(p, m.shape, getattr(m, "dtype", None), x, choice))
+    return _checked(found)
 
 
-def _load_equinox(path, target):
-    paths = iter([p for p, _ in jtu.tree_flatten_with_path(target)[0]])
-    bad: list[str] = []
+def _checked(found: list) -> list:
+    """The recounts among `found` (else None), once every mismatch has been raised."""
+    _raise_mismatches([f for f in found if isinstance(f, str)])
+    recounts = [f if isinstance(f, Recount) else None for f in found]
+    refuse_unchosen_recounts(recounts)
+    return recounts
+
+
+def _load_equinox(path, target, choices):
+    flat = jtu.tree_flatten_with_path(target)[0]
+    at = iter(zip(flat, choices, strict=True))
+    found: list = []
 
     def read(f, x):
         if not isinstance(x, jax.ShapeDtypeStruct):
             return eqx.default_deserialise_filter_spec(f, x)
-        value = np.load(f)
-        wrong = _mismatch(next(paths), value.shape, value.dtype, x)
-        if wrong:
-            bad.append(wrong)
-            return jax.ShapeDtypeStruct(x.shape, x.dtype)  # reported below
-        return jax.device_put(value, x.sharding)
+        (p, _), choice = next(at)
+        value = _as_dtype_of(np.load(f), x)
+        found.append(classify(p, value.shape, value.dtype, x, choice))
+        if found[-1] is None:
+            return jax.device_put(value, x.sharding)
+        if isinstance(found[-1], Recount):
+            # Equinox wants an array of `like`'s shape here: the value is kept aside
+            recounted[len(found) - 1] = jax.device_put(value, found[-1].read_sharding())
+            return jnp.zeros(x.shape, x.dtype)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)  # reported below
 
+    recounted: dict[int, jax.Array] = {}
     try:
         out = eqx.tree_deserialise_leaves(pathlib.Path(path), target, filter_spec=read)
     except RuntimeError:
-        if bad:
-            _raise_mismatches(bad)
+        _raise_mismatches([f for f in found if isinstance(f, str)])
         raise
-    _raise_mismatches(bad)
-    return out
+    recounts = _checked(found)
+    leaves, treedef = jtu.tree_flatten(out)
+    leaves = [recounted.get(k, x) for k, x in enumerate(leaves)]
+    return treedef.unflatten(leaves), recounts
 
 
-def _mismatch(path, shape, dtype, x) -> str | None:
-    if tuple(shape) == tuple(x.shape) and (dtype is None or np.dtype(dtype) == x.dtype):
-        return None
-    return (
-        f"{keystr(path)} ({np.dtype(dtype) if dtype is not None else '?'}{list(shape)} "
-        f"on disk, {x.dtype}{list(x.shape)} in `like`)"
-    )
+def _numpy_names(dtype) -> bool:
+    """Whether NumPy's file format names `dtype` so that it reads it back (not so for
+    ml_dtypes' dtypes: bfloat16 is written as raw bytes, float8_e5m2 as `<f1`)."""
+    dtype = np.dtype(dtype)
+    try:
+        descr = np.lib.format.dtype_to_descr(dtype)
+        return np.lib.format.descr_to_dtype(descr) == dtype
+    except (TypeError, ValueError):
+        return False
+
+
+def _write(f, x) -> None:
+    """Writes one leaf with NumPy. A dtype NumPy cannot name in a file (ml_dtypes':
+    bfloat16, float8, int4; it would write raw bytes, `|V2`, or a name it cannot read
+    back) is written as its bits, an unsigned integer of as many bytes."""
+    if isinstance(x, jax.Array) and not _numpy_names(x.dtype):
+        itemsize = np.dtype(x.dtype).itemsize
+        np.save(f, np.asarray(x).view(np.dtype(f"u{itemsize}")))
+    else:
+        eqx.default_serialise_filter_spec(f, x)
+
+
+def _as_dtype_of(value: np.ndarray, x):
+    """A value read for leaf `x` of `like`, whose dtype NumPy cannot name: its bits (an
+    unsigned integer, as `_write` writes them, or raw bytes, as older files hold them)
+    read as that dtype."""
+    wanted = np.dtype(x.dtype)
+    if not _numpy_names(wanted) and value.dtype.kind in "uV":
+        if value.dtype.itemsize == wanted.itemsize:
+            return value.view(wanted)
+    return value
 
 
 def _raise_mismatches(bad: list[str]) -> None:
@@ -242,7 +384,7 @@ def _raise_mismatches(bad: list[str]) -> None:
             f"; and {len(bad) - 6} more" if len(bad) > 6 else ""
         )
         raise ValueError(
-            f"The checkpoint does not fit `like`: {shown}. A checkpoint made for another "
-            "number of devices has another device axis length: load it with a `like` "
-            "made for that number, then `eqx_pmapstate.relayout` what can be re-laid out."
+            f"The checkpoint does not fit `like`: {shown}. Load it with a `like` of the "
+            "tree it was saved from (the same model and states; a per-device leaf may "
+            "have another number of devices, see `per_device`)."
         )

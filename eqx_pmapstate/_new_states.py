@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from . import _engine
 from ._assign import assign_axis, mapped_axis, normalize_out_axes, warn_unmatched
@@ -24,7 +24,7 @@ from ._errors import (
 from ._jax_compat import Tracer
 from ._keys import KeyedWalk
 from ._layout import new_states_layout, OutLeaf
-from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
+from ._mesh import _UNKNOWN, axis_spec, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
 from ._state import State
 from ._trace import active_axis, is_output_array, per_device_avals, trace
@@ -380,8 +380,8 @@ def _new_states(
     mesh: Mesh | None,
     axis_name,
     what: str,
-    run: bool = True,
-):
+    run: bool | None = True,
+) -> Any:
     _refuse_nesting(what)
     init_form = _is_init_form(module, what)
     kwargs, in_axes_of = _checked_kwargs(init_kwargs, init_in_axes, state_tag)
@@ -404,6 +404,8 @@ def _new_states(
         ),
     )
     warn_unmatched(spec, list(matched))
+    if run is None:  # the program itself, for a layout over an abstract mesh
+        return compiled, inputs.dyn
     if not run:
         if unproved:
             raise unproved_abstract_states(unproved)
@@ -428,6 +430,21 @@ def _over_devices(
     devices,
     init_in_axes,
 ):
+    if not run and _beyond_local_devices(axis_size, devices):
+        n = int(axis_size) * jax.process_count()
+        compiled, dyn = _new_states(
+            module,
+            init_kwargs,
+            state_tag,
+            state_out_axes,
+            init_in_axes,
+            n=n,
+            mesh=None,
+            axis_name=axis_name,
+            what=what,
+            run=None,
+        )
+        return _on_abstract_mesh(compiled, dyn, n, axis_name)
     mesh, n = resolve_mesh(axis_size, devices, axis_name)
     return _new_states(
         module,
@@ -441,6 +458,28 @@ def _over_devices(
         what=what,
         run=run,
     )
+
+
+def _beyond_local_devices(axis_size, devices) -> bool:
+    """Whether `eval_new_states` is asked for more devices than this process has: its
+    layout is then over an abstract mesh (to describe a checkpoint made elsewhere)."""
+    if devices is not None or axis_size is None:
+        return False
+    check_axis_size(axis_size)
+    return int(axis_size) > jax.local_device_count()
+
+
+def _on_abstract_mesh(compiled, dyn, n: int, axis_name):
+    """The abstract output of `compiled` (traced without a mesh), each new array laid
+    out over an `AbstractMesh` of `n` devices, as it would be on `n` devices."""
+    mesh = AbstractMesh((n,), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,))
+    leaves = compiled.treedef.flatten_up_to(compiled.abstract(dyn))
+    for k, (kind, _, axis) in enumerate(compiled.plan):
+        if kind in ("array", "empty"):
+            s = leaves[k]
+            sharding = NamedSharding(mesh, axis_spec(axis_name, axis))
+            leaves[k] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+    return compiled.treedef.unflatten(leaves)
 
 
 def pmap2_new_states(
@@ -553,7 +592,12 @@ def eval_new_states(
 
     **Arguments:**
 
-    As for `pmap2_new_states`.
+    As for `pmap2_new_states`. `axis_size` may be larger than the number of local
+    devices: the layout is then the one `pmap2_new_states` would make on that many
+    devices, over a `jax.sharding.AbstractMesh` (no devices), to describe a checkpoint
+    made elsewhere (with [`eqx_pmapstate.describe`][]). It cannot receive arrays: to
+    load such a checkpoint here, use the layout for the devices you have and `load`'s
+    `per_device`.
 
     **Returns:**
 

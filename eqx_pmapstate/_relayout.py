@@ -36,7 +36,10 @@ def abstract(tree):
 
 
 def _shape_dtype(x):
-    return tuple(np.shape(x)), np.dtype(x.dtype) if hasattr(x, "dtype") else None
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not jax.numpy.issubdtype(dtype, jax.dtypes.extended):
+        dtype = np.dtype(dtype)  # (a PRNG key's dtype is no NumPy dtype)
+    return tuple(np.shape(x)), dtype
 
 
 def relayout(tree, like):

@@ -1,0 +1,120 @@
+"""Loading a checkpoint made for another number of devices: a per-device leaf saved with
+`n` entries along its device axis becomes the `m` entries of `like` as the user chooses
+(`load(..., per_device=...)`); replicated leaves are read as they are."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+
+from ._mesh import read_axis
+from ._one_device import check_index, check_mean, refuse_unchosen
+from ._tree import keystr, paths_str
+
+
+ALLOWED = ("first", "index", "mean", "leading", "callable")
+
+
+class Recount(NamedTuple):
+    """A per-device leaf of `like` saved for another number of devices."""
+
+    path: tuple
+    axis: int  # its device axis
+    saved: int  # its entries on disk
+    wanted: int  # its entries in `like`
+    choice: Any
+    sharding: NamedSharding  # `like`'s
+
+    def read_sharding(self) -> NamedSharding:
+        """Where the saved entries are read to: replicated over `like`'s mesh."""
+        return NamedSharding(self.sharding.mesh, P())
+
+
+def classify(path, shape, dtype, x, choice) -> Recount | str | None:
+    """How leaf `x` of `like` (as stored) takes the array of `shape` and `dtype` on
+    disk: `None` as it is, a `Recount` if it is a per-device leaf saved for another number
+    of devices, or the description of a mismatch."""
+    shape = tuple(shape)
+    same_dtype = dtype is None or np.dtype(dtype) == x.dtype
+    if shape == tuple(x.shape) and same_dtype:
+        return None
+    axis = read_axis(x)
+    if same_dtype and isinstance(axis, int) and len(shape) == len(x.shape):
+        others = [k for k in range(len(shape)) if shape[k] != x.shape[k]]
+        if others == [axis]:
+            return Recount(path, axis, shape[axis], x.shape[axis], choice, x.sharding)
+    return (
+        f"{keystr(path)} ({np.dtype(dtype) if dtype is not None else '?'}{list(shape)} "
+        f"on disk, {x.dtype}{list(x.shape)} in `like`)"
+    )
+
+
+def refuse_unchosen_recounts(recounts) -> None:
+    unchosen = [r for r in recounts if r is not None and r.choice is None]
+    if unchosen:
+        r = unchosen[0]
+        refuse_unchosen(
+            [r.path for r in unchosen],
+            ALLOWED,
+            "load",
+            f"the checkpoint was made for another number of devices: it has {r.saved} "
+            f"entries along their device axis, and `like` {r.wanted}",
+        )
+
+
+def refuse_abstract_meshes(flat) -> None:
+    """A `like` laid out over a mesh without devices (`eval_new_states` for more devices
+    than this process has) cannot receive arrays."""
+    bad = [
+        (keystr(p), x.sharding.mesh.size)
+        for p, x in flat
+        if isinstance(getattr(x, "sharding", None), NamedSharding)
+        and isinstance(x.sharding.mesh, AbstractMesh)
+    ]
+    if bad:
+        raise ValueError(
+            f"The leaves at {paths_str(p for p, _ in bad)} of `like` are laid out over "
+            f"{bad[0][1]} devices that are not here (`eval_new_states` with an "
+            f"`axis_size` larger than the {jax.local_device_count()} local devices): "
+            "such a layout describes a checkpoint, but cannot receive its arrays. Load "
+            "into a `like` made for the devices you have (`eval_new_states` without "
+            "`axis_size`), with `per_device=` saying what the per-device leaves become."
+        )
+
+
+def recount(value, r: Recount, like):
+    """The saved per-device leaf `value` (its `r.saved` entries along `r.axis`) as the
+    entries of `like`, laid out as `like`."""
+    m = r.wanted
+    if r.choice == "leading":
+        if m > r.saved:
+            raise ValueError(
+                f"`per_device='leading'` keeps the first {m} of the entries of the leaf "
+                f"at {keystr(r.path)}, but the checkpoint has only {r.saved}. Choose "
+                "'first', 'mean', an index or a callable for it."
+            )
+        out = jax.lax.slice_in_dim(value, 0, m, axis=r.axis)
+    elif callable(r.choice) and not isinstance(r.choice, str):
+        made = r.choice(jnp.moveaxis(value, r.axis, 0))
+        out = jnp.moveaxis(jnp.asarray(made), 0, r.axis)
+        if out.shape != like.shape or out.dtype != like.dtype:
+            raise ValueError(
+                f"The `per_device` callable made {out.dtype}{list(out.shape)} (device "
+                f"axis at {r.axis}) for the leaf at {keystr(r.path)}, but `like` has "
+                f"{like.dtype}{list(like.shape)}: from the saved entries, device axis "
+                f"first ({r.saved}, ...), it must return the new ({m}, ...)."
+            )
+    else:
+        if r.choice == "mean":
+            check_mean(r.path, like.dtype)
+            one = jnp.mean(value, axis=r.axis, keepdims=True).astype(like.dtype)
+        else:
+            choice = 0 if r.choice == "first" else int(r.choice)
+            index = check_index(r.path, choice, r.saved)
+            one = jax.lax.index_in_dim(value, index, axis=r.axis, keepdims=True)
+        out = jnp.repeat(one, m, axis=r.axis)
+    return jax.device_put(out, r.sharding)
