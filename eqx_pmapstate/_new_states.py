@@ -404,11 +404,11 @@ def _new_states(
         ),
     )
     warn_unmatched(spec, list(matched))
+    if run is not True and unproved:  # nothing runs that could compare them
+        raise unproved_abstract_states(unproved)
     if run is None:  # the program itself, for a layout over an abstract mesh
         return compiled, inputs.dyn
     if not run:
-        if unproved:
-            raise unproved_abstract_states(unproved)
         return compiled.abstract(inputs.dyn)
     out, flags = compiled(inputs.dyn)
     if flags is not None:

@@ -168,6 +168,8 @@ def test_eval_new_states_refuses_what_pmap2_new_states_refuses():
         ep.eval_new_states(_per_device_shared)
     assert info.value.names == ("['shared'].value",)
     assert "`eval_new_states` runs nothing" in str(info.value)
+    with pytest.raises(ep.ReplicationError):  # the layout for more devices than here
+        ep.eval_new_states(_per_device_shared, axis_size=16)
 
 
 def test_eval_new_states_keeps_what_it_can_prove():
