@@ -14,6 +14,10 @@ from ._state import State
 from ._tree import broadcast_prefix, iter_states, keystr
 
 
+# What has a layout to read: arrays, and the abstract ones of `abstract`/`eval_new_states`.
+_LAID_OUT = (jax.Array, jax.ShapeDtypeStruct)
+
+
 def leaf_axis(x):
     """The axis an array was laid out along: an int, None for replicated, or `_UNKNOWN`
     for an array that is not laid out over a mapped axis."""
@@ -43,7 +47,7 @@ def axes_of(tree):
     """
 
     def axis(x):
-        if not isinstance(x, jax.Array):
+        if not isinstance(x, _LAID_OUT):
             return None
         found = leaf_axis(x)
         return None if found is _UNKNOWN else found
@@ -55,7 +59,7 @@ def _axis_lookup(tree, axes):
     """A function from an array leaf's path to its axis: from `axes` (a pytree prefix of
     `tree`) when given, else from the array itself."""
     if axes is None:
-        return lambda path, x: leaf_axis(x) if isinstance(x, jax.Array) else _UNKNOWN
+        return lambda path, x: leaf_axis(x) if isinstance(x, _LAID_OUT) else _UNKNOWN
     flat = jtu.tree_flatten_with_path(tree)[0]
     given = dict(zip((p for p, _ in flat), broadcast_prefix(axes, tree)))
     return lambda path, x: given.get(path, _UNKNOWN)

@@ -180,3 +180,9 @@ def test_eval_new_states_keeps_what_it_can_prove():
     made = ep.pmap2_new_states(shared_from_replicated_inputs, {"scale": jnp.float32(2)})
     for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(made), strict=True):
         assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+    assert ep.describe(like) == ep.describe(made)  # the layout reads off the structs
+    assert (
+        ep.axes_of(like)
+        == ep.axes_of(made)
+        == {"shared": ep.NonBatchState(None), "own": 0}
+    )
