@@ -209,7 +209,9 @@ def load(
         per-device leaf becomes: `"first"` (the first saved device's entry, on every
         device), an index (that saved device's entry, on every device), `"mean"` (the
         mean of the saved entries, on every device; floating point only), `"leading"`
-        (the first `m` saved entries; needs `m <= n`), or a callable from the saved
+        (the first `m` saved entries; needs `m <= n`), `"regroup"` (for the state of
+        [`eqx_pmapstate.zero`][]: the saved slices, flattened in device order, split
+        again into `m` slices), or a callable from the saved
         array, device axis first, `(n, ...)`, to the new `(m, ...)` (for keys, for
         example `lambda keys: jax.random.split(keys[0], m)`). One choice for every leaf,
         or a pytree prefix of `like`, each subtree with its own. By default such leaves
@@ -269,7 +271,7 @@ def _load_orbax(path, target, choices):
 
 
 def _saved_shape(x, r) -> tuple:
-    return tuple(x.shape[: r.axis]) + (r.saved,) + tuple(x.shape[r.axis + 1 :])
+    return r.saved_shape
 
 
 def _names(path) -> tuple:

@@ -16,7 +16,7 @@ from ._one_device import check_index, check_mean, refuse_unchosen
 from ._tree import keystr, paths_str
 
 
-ALLOWED = ("first", "index", "mean", "leading", "callable")
+ALLOWED = ("first", "index", "mean", "leading", "regroup", "callable")
 
 
 class Recount(NamedTuple):
@@ -28,6 +28,7 @@ class Recount(NamedTuple):
     wanted: int  # its entries in `like`
     choice: Any
     sharding: NamedSharding  # `like`'s
+    saved_shape: tuple  # the whole shape on disk
 
     def read_sharding(self) -> NamedSharding:
         """Where the saved entries are read to: replicated over `like`'s mesh."""
@@ -45,8 +46,12 @@ def classify(path, shape, dtype, x, choice) -> Recount | str | None:
     axis = read_axis(x)
     if same_dtype and isinstance(axis, int) and len(shape) == len(x.shape):
         others = [k for k in range(len(shape)) if shape[k] != x.shape[k]]
-        if others == [axis]:
-            return Recount(path, axis, shape[axis], x.shape[axis], choice, x.sharding)
+        regroup = choice == "regroup" and axis == 0  # `zero`'s slices: (n, k)
+        if others == [axis] or (regroup and 0 in others):
+            r = Recount(
+                path, axis, shape[axis], x.shape[axis], choice, x.sharding, shape
+            )
+            return r
     return (
         f"{keystr(path)} ({np.dtype(dtype) if dtype is not None else '?'}{list(shape)} "
         f"on disk, {x.dtype}{list(x.shape)} in `like`)"
@@ -86,11 +91,28 @@ def refuse_abstract_meshes(flat) -> None:
         )
 
 
+def _regrouped(value, shape: tuple):
+    """The saved entries in device order, flattened, then cut or padded with zeros and
+    split into `shape`: the slices of `zero`'s optimizer state (each parameter's
+    elements, flattened, padded to a multiple of the device count, split over the
+    devices) for another device count. The elements past the parameter's size are
+    padding, which `zero` never reads."""
+    flat = jnp.reshape(value, (-1,))
+    size = int(np.prod(shape))
+    if flat.shape[0] >= size:
+        flat = flat[:size]
+    else:
+        flat = jnp.pad(flat, (0, size - flat.shape[0]))
+    return jnp.reshape(flat, shape)
+
+
 def recount(value, r: Recount, like):
     """The saved per-device leaf `value` (its `r.saved` entries along `r.axis`) as the
     entries of `like`, laid out as `like`."""
     m = r.wanted
-    if r.choice == "leading":
+    if r.choice == "regroup":
+        out = _regrouped(value, like.shape)
+    elif r.choice == "leading":
         if m > r.saved:
             raise ValueError(
                 f"`per_device='leading'` keeps the first {m} of the entries of the leaf "
