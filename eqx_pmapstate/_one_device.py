@@ -21,6 +21,7 @@ _NAMES = {
     "index": "an index (that device's entry)",
     "whole": "'whole' (the array with its device axis, on one device)",
     "leading": "'leading' (the first entries, as many as there are devices now)",
+    "regroup": "'regroup' (`zero`'s optimizer state: its slices split again)",
     "callable": "a callable of the array with its device axis first",
 }
 
