@@ -8,9 +8,11 @@ How to run:
     .venv/bin/python benchmarks/bench_train.py --gpu      # the accelerators there are (1 GPU: a 1-device mesh)
     .venv/bin/python benchmarks/bench_train.py --sizes large --rounds 60 --first-call-rounds 20
     .venv/bin/python benchmarks/bench_train.py --json benchmarks/results/bench_train_cpu.json
+    .venv/bin/python benchmarks/bench_train.py --devices 1 --sizes tiny small --batch 8
 
-The model is an `eqx.nn.MLP` of one of two sizes (`small`, about 9k parameters, and
-`large`, about 800k; the exact counts are printed), trained with `optax.adam` on a mean
+The model is an `eqx.nn.MLP` of one of three sizes (`tiny`, 162 parameters, `small`,
+about 9k, and `large`, about 800k; the exact counts are printed; the default runs
+`small` and `large`), trained with `optax.adam` on a mean
 squared error. Parameters and optimizer state are replicated over a one-dimensional mesh
 named "devices", the batch (`--batch` samples in all) is split over the devices, and the
 gradients are averaged across devices. No variant donates its inputs. Four variants
@@ -96,6 +98,7 @@ STEP_TARGET = 1.05
 FIRST_CALL_TARGET = 1.3
 LEARNING_RATE = 1e-3
 SIZES = {  # eqx.nn.MLP arguments
+    "tiny": dict(in_size=8, out_size=2, width_size=8, depth=2),  # 162 params
     "small": dict(in_size=16, out_size=1, width_size=64, depth=3),  # 9,473 params
     "large": dict(in_size=16, out_size=1, width_size=512, depth=4),  # 797,185 params
 }
@@ -108,18 +111,20 @@ QUICK = dict(rounds=5, steps_per_round=3, first_call_rounds=1)
 DEFAULTS = dict(rounds=30, steps_per_round=10, first_call_rounds=12)
 
 
-def _platform(argv) -> str:
+def _platform(argv) -> tuple[str, int]:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--devices", type=int, default=N_CPU_DEVICES)
     known, _ = p.parse_known_args(argv)
-    return "gpu" if known.gpu else known.platform
+    return ("gpu" if known.gpu else known.platform), known.devices
 
 
-if _platform(sys.argv[1:]) == "cpu":  # before JAX is imported
+_PLATFORM, _DEVICES = _platform(sys.argv[1:])
+if _PLATFORM == "cpu":  # before JAX is imported
     _flags = os.environ.get("XLA_FLAGS", "")
     if DEVICE_FLAG not in _flags:
-        os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_FLAG}={N_CPU_DEVICES}".strip()
+        os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_FLAG}={_DEVICES}".strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import equinox as eqx  # noqa: E402
@@ -377,6 +382,7 @@ def child(args) -> dict:
 def run_child(variant: str, size: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant]
     cmd += ["--size", size, "--batch", str(args.batch), "--platform", args.platform]
+    cmd += ["--devices", str(args.devices)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -587,7 +593,10 @@ def to_json(per_step: dict, all_rows: dict, args, info: dict) -> dict:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--sizes", nargs="+", choices=sorted(SIZES | ZERO_SIZES), default=list(SIZES)
+        "--sizes",
+        nargs="+",
+        choices=sorted(SIZES | ZERO_SIZES),
+        default=["small", "large"],
     )
     p.add_argument(
         "--zero",
@@ -616,6 +625,12 @@ def parse_args(argv):
         "--gpu", action="store_true", help="the accelerators there are, not 8 CPUs"
     )
     p.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=N_CPU_DEVICES,
+        help="CPU devices (8); 1 shows the per-call cost, which a slow step hides",
+    )
     p.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per child process"
     )
