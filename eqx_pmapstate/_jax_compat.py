@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.extend.core as jex_core
 from jax.core import Tracer as Tracer
 
@@ -43,6 +44,17 @@ def hoist_consts(closed):
 def evaluate(jaxpr, *args) -> list:
     """Evaluates a `Jaxpr` that has no constants on `args`."""
     return jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*args)
+
+
+def per_device_mesh_context(mesh, axis_name):
+    """The context `jax.shard_map` traces its body in: `mesh`'s abstract mesh with
+    `axis_name` made `Manual`. In it, JAX moves a closed-over array laid out on a mesh
+    of `Auto` axes into the body with a `reshard` when an operation takes it (in
+    `Primitive.bind`), so that the jaxpr names no mesh the body cannot run on."""
+    manual = mesh.abstract_mesh.update_axis_types(
+        {axis_name: jax.sharding.AxisType.Manual}
+    )
+    return jax.sharding.use_abstract_mesh(manual)
 
 
 def register_with_jax_clear_caches(cache, what: str) -> bool:

@@ -587,7 +587,8 @@ class Pmap2:
 
         candidates = _rule1_candidates(args, inputs, self.axis_name)
         avals = per_device_avals(dyn, inputs.in_axes)
-        traced = trace(fn, avals, self.axis_name, n, _want(self.out_axes, candidates))
+        want = _want(self.out_axes, candidates)
+        traced = trace(fn, avals, self.axis_name, n, want, mesh=mesh)
         mapped = [a is not None for a in inputs.in_axes]
         varying = varying_outputs(traced.jaxpr, mapped, self.axis_name)
         out_leaves = [

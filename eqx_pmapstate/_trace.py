@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import NamedSharding
 
-from ._jax_compat import Literal
+from ._jax_compat import Literal, per_device_mesh_context, subjaxprs
 
 
 _active = threading.local()
@@ -80,11 +81,16 @@ def trace(
     axis_name,
     axis_size: int,
     want: Callable[[Any, list], Any] | None = None,
+    mesh=None,
 ) -> Traced:
     """Traces `fn` (which takes the list of per-device inputs) once, with the collectives
     of `axis_name` bound to an axis of `axis_size`. `want(out, flat)` is called inside the
     trace with the output and its flattened `(path, leaf)` pairs, where array leaves are
-    tracers (so that filters asking `eqx.is_array` see arrays)."""
+    tracers (so that filters asking `eqx.is_array` see arrays).
+
+    With a `mesh`, `fn` is traced as the body of a `shard_map` over it is, so that an
+    array it closes over that is laid out on a mesh works under `jax.vmap`, `jax.grad`
+    and the rest (see `_closed`)."""
     found: dict = {}
 
     def flat_fn(*xs):
@@ -101,7 +107,7 @@ def trace(
         return [jnp.asarray(leaf) for (_, leaf), a in zip(flat, is_array) if a]
 
     with _tracing(axis_name):
-        closed = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])(*avals)
+        closed = _closed(flat_fn, avals, axis_name, axis_size, mesh)
     invars = {v: j for j, v in enumerate(closed.jaxpr.invars)}
     input_of = tuple(
         None if isinstance(v, Literal) else invars.get(v) for v in closed.jaxpr.outvars
@@ -114,4 +120,56 @@ def trace(
         found["arrays"],
         input_of,
         found["wanted"],
+    )
+
+
+def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
+    """The jaxpr of `flat_fn`. A closed-over `jax.Array` laid out on a mesh carries that
+    mesh in its type, and a jaxpr traced outside a `shard_map` body would name it in the
+    operations it feeds (a broadcast under `jax.vmap`), which then fail inside the body.
+    Traced in the body's context, JAX moves such an array into the body first, as
+    `jax.pmap` does. JAX 0.10 cannot index such an array in that context (its own
+    `jax.pmap` fails there too); then the function is traced as before, which works
+    wherever no operation carries the array's mesh (checked in `_check_closed`)."""
+    make = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])
+    if mesh is None:
+        return make(*avals)
+    try:
+        with per_device_mesh_context(mesh, axis_name):
+            return make(*avals)
+    except ValueError as e:
+        if "mesh" not in str(e).lower():
+            raise
+    closed = make(*avals)
+    _check_closed(closed)
+    return closed
+
+
+def _on_a_mesh(s) -> bool:
+    return isinstance(s, NamedSharding) and not s.mesh.empty
+
+
+def _names_a_mesh(jaxpr) -> bool:
+    """Whether an operation of `jaxpr` (or of one inside it) carries a mesh."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        for value in eqn.params.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(_on_a_mesh(v) for v in values):
+                return True
+        if any(_names_a_mesh(sub) for sub in subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _check_closed(closed) -> None:
+    on_mesh = [c for c in closed.consts if _on_a_mesh(getattr(c, "sharding", None))]
+    if not on_mesh or not _names_a_mesh(closed):
+        return
+    shown = ", ".join(f"{c.dtype}{list(c.shape)}" for c in on_mesh[:3])
+    raise ValueError(
+        f"The function closes over array(s) laid out on a mesh ({shown}) and uses them "
+        f"in a way that JAX {jax.__version__} cannot run on one device of a mesh "
+        "(indexing one under `jax.vmap` or `jax.grad`; `jax.pmap` fails on it too). "
+        "Pass the array as an argument with an `in_axes` of None (it is then seen whole "
+        "on every device), or use JAX 0.12 or newer."
     )
