@@ -46,15 +46,15 @@ def evaluate(jaxpr, *args) -> list:
     return jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*args)
 
 
-def per_device_mesh_context(mesh, axis_name):
-    """The context `jax.shard_map` traces its body in: `mesh`'s abstract mesh with
-    `axis_name` made `Manual`. In it, JAX moves a closed-over array laid out on a mesh
-    of `Auto` axes into the body with a `reshard` when an operation takes it (in
-    `Primitive.bind`), so that the jaxpr names no mesh the body cannot run on."""
-    manual = mesh.abstract_mesh.update_axis_types(
+def per_device_mesh(mesh, axis_name):
+    """The abstract mesh `jax.shard_map` traces its body in: `mesh`'s, with `axis_name`
+    made `Manual`. In its context (`jax.sharding.use_abstract_mesh`), JAX moves a
+    closed-over array laid out on a mesh of `Auto` axes into the body with a `reshard`
+    when an operation takes it (in `Primitive.bind`), so that the jaxpr names no mesh
+    the body cannot run on."""
+    return mesh.abstract_mesh.update_axis_types(
         {axis_name: jax.sharding.AxisType.Manual}
     )
-    return jax.sharding.use_abstract_mesh(manual)
 
 
 def register_with_jax_clear_caches(cache, what: str) -> bool:

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ._jax_compat import Literal, per_device_mesh_context, subjaxprs
+from ._jax_compat import Literal, per_device_mesh, subjaxprs
 
 
 _active = threading.local()
@@ -124,25 +124,34 @@ def trace(
 
 
 def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
-    """The jaxpr of `flat_fn`. A closed-over `jax.Array` laid out on a mesh carries that
-    mesh in its type, and a jaxpr traced outside a `shard_map` body would name it in the
-    operations it feeds (a broadcast under `jax.vmap`), which then fail inside the body.
-    Traced in the body's context, JAX moves such an array into the body first, as
-    `jax.pmap` does. JAX 0.10 cannot index such an array in that context (its own
-    `jax.pmap` fails there too); then the function is traced as before, which works
-    wherever no operation carries the array's mesh (checked in `_check_closed`)."""
+    """The jaxpr of `flat_fn`.
+
+    A closed-over `jax.Array` laid out on a mesh carries that mesh in its type, and the
+    operations it feeds (a broadcast under `jax.vmap`, a `reshard` under `jax.grad`) may
+    name it; such a jaxpr fails inside the `shard_map` body that runs it. Only then is
+    `flat_fn` traced again, in the body's context, where JAX moves such an array into the
+    body first, as `jax.pmap` does. (Not always in that context: there, `eqx.nn.State`
+    finds a new value's type differs from the old one's, as under `jax.pmap`.) JAX 0.10
+    cannot index such an array there (its own `jax.pmap` fails too): a clear error.
+    """
     make = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])
-    if mesh is None:
-        return make(*avals)
+    closed = make(*avals)
+    if mesh is None or not _runs_elsewhere(closed):
+        return closed
+    manual = per_device_mesh(mesh, axis_name)
+    typed = [  # as the body of a `shard_map` sees its inputs
+        jax.ShapeDtypeStruct(
+            a.shape, a.dtype, weak_type=a.weak_type, sharding=NamedSharding(manual, P())
+        )
+        for a in avals
+    ]
     try:
-        with per_device_mesh_context(mesh, axis_name):
-            return make(*avals)
+        with jax.sharding.use_abstract_mesh(manual):
+            return make(*typed)
     except ValueError as e:
         if "mesh" not in str(e).lower():
             raise
-    closed = make(*avals)
-    _check_closed(closed)
-    return closed
+        raise ValueError(_closed_message(closed)) from None
 
 
 def _on_a_mesh(s) -> bool:
@@ -161,12 +170,21 @@ def _names_a_mesh(jaxpr) -> bool:
     return False
 
 
-def _check_closed(closed) -> None:
-    on_mesh = [c for c in closed.consts if _on_a_mesh(getattr(c, "sharding", None))]
-    if not on_mesh or not _names_a_mesh(closed):
-        return
+def _runs_elsewhere(closed) -> bool:
+    """Whether a closed-over array on a mesh makes an operation name that mesh."""
+    return bool(_consts_on_a_mesh(closed)) and _names_a_mesh(closed)
+
+
+def _consts_on_a_mesh(closed) -> list:
+    return [
+        c for c in closed.consts if _on_a_mesh(getattr(jax.typeof(c), "sharding", None))
+    ]
+
+
+def _closed_message(closed) -> str:
+    on_mesh = _consts_on_a_mesh(closed)
     shown = ", ".join(f"{c.dtype}{list(c.shape)}" for c in on_mesh[:3])
-    raise ValueError(
+    return (
         f"The function closes over array(s) laid out on a mesh ({shown}) and uses them "
         f"in a way that JAX {jax.__version__} cannot run on one device of a mesh "
         "(indexing one under `jax.vmap` or `jax.grad`; `jax.pmap` fails on it too). "

@@ -360,7 +360,7 @@ def test_per_device_mesh_context_moves_closed_over_arrays_into_the_body():
     # broadcast `jax.vmap` makes of it names the Manual mesh, on which the body runs.
     mesh = jax.make_mesh((N,), (AX,), axis_types=(jax.sharding.AxisType.Auto,))
     b = jax.device_put(x3, NamedSharding(mesh, P()))
-    with _jax_compat.per_device_mesh_context(mesh, AX):
+    with jax.sharding.use_abstract_mesh(_jax_compat.per_device_mesh(mesh, AX)):
         closed = _trace(jax.vmap(lambda r: r + b), jnp.ones((4, 3)))
     names = [e.primitive.name for e in closed.jaxpr.eqns]
     assert names[0] == "reshard"
