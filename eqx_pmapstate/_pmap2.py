@@ -63,12 +63,44 @@ class StateAxes:
 
 
 def _where(path) -> str:
-    """A path from the root `(args, kwargs)` written as `args[0].weight` or `kwargs['x']`."""
+    """A path from the root `(args, kwargs)` (or `(args, kwargs, fun)`, for a callable
+    pytree) written as `args[0].weight`, `kwargs['x']` or `self.weight` (the instance of
+    a bound method)."""
     if not path:
         return "the arguments"
     head, rest = path[0], path[1:]
-    root = "args" if getattr(head, "idx", None) == 0 else "kwargs"
-    return root + jtu.keystr(rest)
+    where = getattr(head, "idx", None)
+    if where == 2:
+        if rest and getattr(rest[0], "name", None) == "__self__":
+            return "self" + jtu.keystr(rest[1:])
+        return "fun" + jtu.keystr(rest)
+    return ("args" if where == 0 else "kwargs") + jtu.keystr(rest)
+
+
+# --------------------------------------------------------------------------- callable pytrees
+
+
+def _is_callable_tree(fun) -> bool:
+    """Whether `fun` is a pytree holding arrays (an `eqx.Module` with `__call__`, a bound
+    method of one): its arrays are then inputs, like the arguments'."""
+    return isinstance(fun, eqx.Module) and any(
+        is_arraylike(x) for x in jtu.tree_leaves(fun)
+    )
+
+
+def _code_of(fun):
+    """The plain function a callable pytree runs: what its cache key follows."""
+    func = getattr(fun, "__func__", None)
+    if func is not None and hasattr(fun, "__self__"):
+        return func
+    return type(fun).__call__
+
+
+def _fun_axis(x):
+    """The axis of an array of a callable pytree: its layout on the mesh, else None (a
+    constant seen whole on every device, as a closed-over array is)."""
+    axis = read_axis(x) if isinstance(x, jax.Array) else _UNKNOWN
+    return None if axis is _UNKNOWN else axis
 
 
 _CONCRETE: set = set()  # the types of concrete `jax.Array`s seen (`ArrayImpl`)
@@ -129,14 +161,18 @@ def _prefix_axes(prefix, tree, what: str) -> list:
 
 
 def _given_axes(in_axes, args, kwargs, flat) -> list:
-    """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`."""
+    """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`; per leaf
+    of a callable pytree after them, `_fun_axis`."""
+    n = len(jtu.tree_leaves((args, kwargs)))
     if in_axes is DEFAULT:
-        return [DEFAULT] * len(flat)
-    if isinstance(in_axes, StateAxes):
+        given = [DEFAULT] * n
+    elif isinstance(in_axes, StateAxes):
         by_path = in_axes.axes_of((args, kwargs))
-        return [by_path.get(p, DEFAULT) for p, _ in flat]
-    given = _prefix_axes(in_axes, args, "in_axes")
-    return given + [DEFAULT] * (len(flat) - len(given))
+        given = [by_path.get(p, DEFAULT) for p, _ in flat[:n]]
+    else:
+        given = _prefix_axes(in_axes, args, "in_axes")
+        given += [DEFAULT] * (n - len(given))
+    return given + [_fun_axis] * (len(flat) - n)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -245,17 +281,18 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     )
 
 
-def _donated(donate, args, dyn_index) -> tuple:
+def _donated(donate, args, kwargs, dyn_index) -> tuple:
+    """The array inputs to donate: among the arguments only (a callable pytree's own
+    arrays, like closed-over ones, are never donated)."""
     if donate == "none":
         return ()
-    if donate == "all":
-        return tuple(range(len(dyn_index)))
-    first_end = len(jtu.tree_leaves(args[:1]))
-    return tuple(d for d, i in enumerate(dyn_index) if i >= first_end)
+    first_end = 0 if donate == "all" else len(jtu.tree_leaves(args[:1]))
+    end = len(jtu.tree_leaves((args, kwargs)))
+    return tuple(d for d, i in enumerate(dyn_index) if first_end <= i < end)
 
 
 def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
-    flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+    flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
     mesh = _find_mesh(leaves, self.axis_name, self.devices)
     n = mesh.shape[self.axis_name]
     given = _given_axes(self.in_axes, args, kwargs, flat)
@@ -269,7 +306,7 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
         layout.append(axis)
         in_axes.append(axis)
         dyn_index.append(i)
-    donated = _donated(self.donate, args, dyn_index)
+    donated = _donated(self.donate, args, kwargs, dyn_index)
     target = [NamedSharding(mesh, axis_spec(self.axis_name, a)) for a in in_axes]
     passable = frozenset(
         j
@@ -284,10 +321,23 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
 # --------------------------------------------------------------------------- outputs
 
 
-def _rule1_candidates(args, inputs: _Inputs, axis_name) -> list:
+def _rule1_candidates(args, inputs: _Inputs, axis_name, fun=None) -> list:
     """The positional arguments whose layout an output of the same structure takes: all
     but bare arrays not laid out on the mesh; a bare array only passes its layout to an
-    array of its per-device shape and dtype."""
+    array of its per-device shape and dtype. Then a callable pytree `fun`, and the
+    instance of a bound method (tried at position 0, as `self` is in the class body)."""
+    out = []
+    if fun is not None:
+        n = len(jtu.tree_leaves(fun))
+        layouts = inputs.layout_of_leaf[len(inputs.layout_of_leaf) - n :]
+        instance = getattr(fun, "__self__", None)
+        if instance is not None and len(jtu.tree_leaves(instance)) == n:
+            out.append((jtu.tree_structure(instance), 0, None, layouts))
+        out.append((jtu.tree_structure(fun), 0, None, layouts))
+    return out + _arg_candidates(args, inputs, axis_name)
+
+
+def _arg_candidates(args, inputs: _Inputs, axis_name) -> list:
     starts = np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args]).tolist()
     out = []
     for a_idx, arg in enumerate(args):
@@ -406,10 +456,11 @@ def _check_donation(dyn, donated, paths) -> None:
 class Lowered:
     """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
 
-    def __init__(self, lowered, entry: _Entry, treedef, signature, check):
+    def __init__(self, lowered, entry: _Entry, treedef, signature, check, tree):
         self.lowered = lowered  # the `jax.stages.Lowered` of the program
         self._entry, self._treedef, self._signature = entry, treedef, signature
         self._check = check
+        self._tree = tree  # `Pmap2._tree`: the tree of a call's inputs
 
     def as_text(self, *args, **kwargs) -> str:
         """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
@@ -429,8 +480,8 @@ class CompiledCall:
         return self.executable.as_text()
 
     def __call__(self, *args, **kwargs):
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
         low = self._lowered
+        leaves, treedef = jtu.tree_flatten(low._tree(args, kwargs))
         if treedef != low._treedef or _signature(leaves) != low._signature:
             raise TypeError(
                 "The arguments do not match those this program was lowered for (tree "
@@ -481,6 +532,9 @@ class Pmap2:
         # As a function has: `jaxtyping.jaxtyped` reads the wrapped function's globals.
         self.__globals__ = getattr(fun, "__globals__", {})
         self.fun = fun
+        # A callable pytree's arrays are inputs after the arguments, and its program is
+        # keyed on the code it runs, so that a new instance reuses it.
+        self._fun_tree = _is_callable_tree(fun)
         self.axis_name = axis_name
         self.in_axes = in_axes
         self.out_axes = out_axes
@@ -504,8 +558,13 @@ class Pmap2:
             return self
         return functools.partial(self, instance)
 
+    def _tree(self, args, kwargs) -> tuple:
+        """What a call's inputs are: `(args, kwargs)`, and the function if it is a
+        callable pytree."""
+        return (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
+
     def __call__(self, *args, **kwargs):
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
         sig = (treedef, _signature(leaves))
         fast = self._fast.get(sig)
         if fast is None or not fast.valid():
@@ -525,13 +584,13 @@ class Pmap2:
         An object with `.as_text()` and `.compile()`; the compiled program is called with
         the same arguments as this function.
         """
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
         sig = (treedef, _signature(leaves))
         entry = self._entry(args, kwargs, leaves, sig).entry
         compiled = entry.compiled
         dyn = compiled.place([leaves[i] for i in entry.dyn_index])
         lowered = compiled.run.lower(*compiled.const_values(), *dyn)
-        return Lowered(lowered, entry, treedef, sig[1], self._check)
+        return Lowered(lowered, entry, treedef, sig[1], self._check, self._tree)
 
     # -- once per signature
 
@@ -550,7 +609,8 @@ class Pmap2:
             self._check,
             walk.spec(self.devices),
         )
-        return ("pmap2", walk.value(self.fun), settings, treedef, leaf_keys)
+        fun = _code_of(self.fun) if self._fun_tree else self.fun
+        return ("pmap2", walk.value(fun), settings, treedef, leaf_keys)
 
     def _entry(self, args, kwargs, leaves, sig) -> _Fast:
         if active_axis() is not None:
@@ -576,16 +636,17 @@ class Pmap2:
         dyn = [leaves[i] for i in inputs.dyn_index]
         static = [x for x in leaves if not is_arraylike(x)]
         is_dyn = [is_arraylike(x) for x in leaves]
-        treedef = jtu.tree_structure((args, kwargs))
+        treedef = jtu.tree_structure(self._tree(args, kwargs))
         fun = self.fun
 
         def fn(local):
             it_dyn, it_static = iter(local), iter(static)
             full = [next(it_dyn) if d else next(it_static) for d in is_dyn]
-            call_args, call_kwargs = treedef.unflatten(full)
-            return fun(*call_args, **call_kwargs)
+            call_args, call_kwargs, *traced_fun = treedef.unflatten(full)
+            return (traced_fun[0] if traced_fun else fun)(*call_args, **call_kwargs)
 
-        candidates = _rule1_candidates(args, inputs, self.axis_name)
+        tree_fun = self.fun if self._fun_tree else None
+        candidates = _rule1_candidates(args, inputs, self.axis_name, tree_fun)
         avals = per_device_avals(dyn, inputs.in_axes)
         want = _want(self.out_axes, candidates)
         traced = trace(fn, avals, self.axis_name, n, want, mesh=mesh)
@@ -617,7 +678,7 @@ class Pmap2:
             user_arrays=user,
         )
         put = not all(_engine._placed(x, s) for x, s in zip(dyn, compiled.in_shardings))
-        flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+        flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
         paths = tuple(flat[i][0] for i in inputs.dyn_index)
         entry = _Entry(compiled, inputs.dyn_index, inputs.donated, put, paths)
         return entry, cacheable
@@ -678,7 +739,15 @@ def pmap2(
 
     **Arguments:**
 
-    - `fun`: the function. Usable as `@pmap2`, `@pmap2(...)`, and on methods.
+    - `fun`: the function. Usable as `@pmap2`, `@pmap2(...)`, and on methods. A function
+        that is a pytree holding arrays (a bound method of an `eqx.Module`, as in
+        `pmap2(model.forward)`, or a module with `__call__`) has its arrays read as
+        inputs: one laid out on the mesh keeps its layout (a per-device state gives
+        each device its slice), any other is replicated (a constant seen whole on every
+        device, as a closed-over array is and as `eqx.filter_pmap` takes it). An output
+        with the structure of the instance takes its layout, as one returning `self`
+        does with the method decorated in the class body. These arrays are never
+        donated, and a new instance of the same structure reuses the program.
     - `axis_name`: the mesh axis to map over.
     - `in_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), an array already laid out on
         the mesh keeps its layout (mapped over its device axis, or broadcast if
