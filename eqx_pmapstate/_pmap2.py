@@ -228,8 +228,8 @@ def _argument_of(path) -> tuple:
 
 def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
     """An argument left to the default layout must be laid out on the mesh entirely or
-    not at all; an `eqx.Module` not on the mesh beside inputs that are is refused."""
-    any_on = any(_on_mesh(x, axis_name) for _, x in flat)
+    not at all; an `eqx.Module` not on the mesh is refused (whatever the other inputs
+    are: whether a restored model is split must not depend on them)."""
     on, off = {}, {}
     for (path, x), g in zip(flat, given):
         if g is not DEFAULT or not is_arraylike(x) or isinstance(x, Tracer):
@@ -245,14 +245,15 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
                 "be read. Lay it all out with `eqx_pmapstate.relayout(tree, like)` or "
                 "`jax.device_put`, or give its axes with `in_axes`."
             )
-        if isinstance(value, eqx.Module) and any_on:
+        if isinstance(value, eqx.Module):
             raise ValueError(
                 f"The argument {name} is an `eqx.Module` none of whose arrays is laid out "
-                f"on the mesh (for example {_where(path)}), while other inputs are. A "
-                "restored or freshly built model would be split over the devices along "
-                "its first axis, which is almost never meant. Lay it out like the model "
-                "it replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map "
-                "it with `in_axes` (None for replicated)."
+                f"on the mesh (for example {_where(path)}). By default it would be split "
+                "over the devices along its first axis, which is almost never meant for "
+                "a model (a restored or freshly built one). Lay it out like the model it "
+                "replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map it "
+                "with `in_axes`: None to replicate it, 0 to split a stacked model over "
+                "the devices."
             )
 
 
