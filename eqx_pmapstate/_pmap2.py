@@ -187,6 +187,7 @@ class _Inputs(NamedTuple):
     layout_of_leaf: tuple  # per flat leaf: its axis, or DEFAULT for a static leaf
     donated: tuple  # indices into the array leaves
     passable: frozenset  # array leaves an unchanged output may be handed back as
+    explicit: frozenset = frozenset()  # flat leaves whose axis `in_axes` gives
 
 
 def _on_mesh(x, axis_name) -> bool:
@@ -314,8 +315,15 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
         for j, (i, s) in enumerate(zip(dyn_index, target))
         if j not in donated and _engine._placed(leaves[i], s)
     )
+    explicit = frozenset(i for i, g in enumerate(given) if g is not DEFAULT)
     return _Inputs(
-        mesh, tuple(dyn_index), tuple(in_axes), tuple(layout), donated, passable
+        mesh,
+        tuple(dyn_index),
+        tuple(in_axes),
+        tuple(layout),
+        donated,
+        passable,
+        explicit,
     )
 
 
@@ -324,8 +332,9 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
 
 def _rule1_candidates(args, inputs: _Inputs, axis_name, fun=None) -> list:
     """The positional arguments whose layout an output of the same structure takes: all
-    but bare arrays not laid out on the mesh; a bare array only passes its layout to an
-    array of its per-device shape and dtype. Then a callable pytree `fun`, and the
+    but bare arrays, which count only when left to the default rule and laid out on the
+    mesh; a bare array only passes its layout to an array of its per-device shape and
+    dtype. Then a callable pytree `fun`, and the
     instance of a bound method (tried at position 0, as `self` is in the class body)."""
     out = []
     if fun is not None:
@@ -344,10 +353,14 @@ def _arg_candidates(args, inputs: _Inputs, axis_name) -> list:
     for a_idx, arg in enumerate(args):
         bare = None
         if is_arraylike(arg):
-            if not _on_mesh(arg, axis_name):
+            # Only a layout read off the mesh passes on: one given by `in_axes` does
+            # not, whether or not the array is on the mesh, as inside `jax.jit`
+            # (where that is unknown), so that `jax.jit` does not change the output.
+            explicit = starts[a_idx] in inputs.explicit
+            if explicit or not _on_mesh(arg, axis_name):
                 continue
-            local = list(np.shape(arg))
             axis = inputs.layout_of_leaf[starts[a_idx]]
+            local = list(np.shape(arg))
             if axis is not None:
                 del local[axis]
             bare = (tuple(local), jax.numpy.result_type(arg))
@@ -760,10 +773,12 @@ def pmap2(
         [`eqx_pmapstate.StateAxes`][] of filters.
     - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
         structure equals that of an argument takes that argument's layout leaf by leaf
-        (tried on the whole output, then on each element of a returned tuple; an
-        argument counts unless it is a bare array not already laid out on the mesh, and
-        a bare array only to an array of its per-device shape and dtype), the argument
-        at the same position first; and (2) any
+        (tried on the whole output, then on each element of a returned tuple; a bare
+        array argument counts only when left to the default rule and laid out on the
+        mesh, and then only for an array of its per-device shape and dtype: an axis
+        given by `in_axes` does not pass on, so that the output is the same inside
+        `jax.jit`, where an input's layout cannot be read), the argument at the same
+        position first; and (2) any
         other leaf comes back replicated when it is proved the same on every device
         (computed from replicated inputs only, or the result of `psum`, `pmean`, `pmax`,
         `pmin` or `all_gather` over the axis), and with a device axis at 0 otherwise (a

@@ -50,3 +50,101 @@ def test_explicit_in_axes_still_map_or_replicate_a_model():
     got = ep.pmap2(_apply, in_axes=(None, 0))(fresh, batch)
     expected = jax.pmap(_apply, in_axes=(None, 0))(fresh, batch)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- item 10
+
+
+def _mesh():
+    return ep.pmap2_new_states(lambda: jnp.zeros(())).sharding.mesh
+
+
+def _rule_cases():
+    """`(name, step, in_axes, out_axes, args)`: one program per output rule."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = _mesh()
+    params = {"w": jnp.ones(3), "b": jnp.float32(0.5)}
+    batch = jnp.arange(N * 4 * 3, dtype=jnp.float32).reshape(N, 4, 3) / 10
+    hidden = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3)
+    cols = jax.device_put(  # laid out along axis 1
+        jnp.arange(3 * N, dtype=jnp.float32).reshape(3, N),
+        NamedSharding(mesh, P(None, "devices")),
+    )
+
+    def train(p, x):
+        g = jax.grad(lambda p: jnp.mean((x @ p["w"] + p["b"]) ** 2))(p)
+        g = jax.lax.pmean(g, "devices")
+        return jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+
+    def carry(p, h, x):
+        return p, h + x.sum(0), jax.lax.psum(x.sum(), "devices")
+
+    return [
+        ("rule 1, whole output", train, (None, 0), ep.DEFAULT, (params, batch)),
+        (
+            "rule 1, tuple elements",
+            carry,
+            (None, 0, 0),
+            ep.DEFAULT,
+            (params, hidden, batch),
+        ),
+        ("a bare array along axis 1", lambda c: c * 2, 1, ep.DEFAULT, (cols,)),
+        (
+            "rule 2",
+            lambda x: (jax.lax.psum(x, "devices"), x * 2),
+            0,
+            ep.DEFAULT,
+            (batch,),
+        ),
+        ("out_axes prefix", lambda x: (x, x.sum()), 0, (1, 0), (batch,)),
+        (
+            "out_axes StateAxes",
+            lambda x: {"a": x, "b": jax.lax.pmean(x, "devices")},
+            0,
+            ep.StateAxes({None: lambda path, leaf, *_: "b" in str(path)}),
+            (batch,),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_every_output_rule_gives_the_same_layout_under_jax_jit(case):
+    name, step, in_axes, out_axes, args = _rule_cases()[case]
+    f = ep.pmap2(step, in_axes=in_axes, out_axes=out_axes)
+    eager = f(*args)
+    jitted = jax.jit(f)(*args)
+    assert jax.tree.structure(eager) == jax.tree.structure(jitted), name
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+        assert a.shape == b.shape, name
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), name
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_a_bare_array_given_its_axis_comes_back_as_jax_pmap_returns_it():
+    # The issue's case: eagerly it came back (3, 8), under `jax.jit` (8, 3).
+    name, step, in_axes, _, (cols,) = _rule_cases()[2]
+    f = ep.pmap2(step, in_axes=1)
+    expected = jax.pmap(step, in_axes=1, axis_name="devices")(cols)
+    for out in (f(cols), jax.jit(f)(cols), jax.vmap(f)(cols[None])[0]):
+        assert out.shape == (N, 3)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+    assert_laid_out(f(cols), 0)
+    # Left to the default rule, its layout is read off the mesh, and kept.
+    kept = ep.pmap2(step)(cols)
+    assert kept.shape == (3, N) and kept.sharding == cols.sharding
+
+
+def test_gradient_through_a_step_is_the_same_under_jax_jit():
+    f = ep.pmap2(
+        lambda w, x: jax.lax.psum(jnp.sum(jnp.tanh(x * w)), "devices"),
+        in_axes=(None, 0),
+    )
+    w = jnp.arange(3.0)
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3) / 10
+    eager = jax.grad(f)(w, x)
+    jitted = jax.jit(jax.grad(f))(w, x)
+    expected = jax.grad(lambda w: jnp.sum(jnp.tanh(x * w[None])))(w)
+    assert eager.shape == jitted.shape == (3,)
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(expected), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(expected), rtol=1e-5)
