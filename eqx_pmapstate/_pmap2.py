@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, overload
 
@@ -155,12 +156,58 @@ def _prefix_axes(prefix, tree, what: str) -> list:
     try:
         return broadcast_prefix(prefix, tree)
     except ValueError as e:
+        # JAX's message goes on with the whole tree's repr: keep its first clause.
+        reason = str(e).split(";")[0][:160]
         raise ValueError(
-            f"`{what}` is not a pytree prefix of the tree it applies to: {e}"
+            f"`{what}` is not a pytree prefix of the tree it applies to: {reason}."
         ) from None
 
 
-def _given_axes(in_axes, args, kwargs, flat) -> list:
+def _positional_names(fun) -> list | None:
+    """The names of `fun`'s parameters that a call can pass by position, in order (None
+    if its signature cannot be read)."""
+    try:
+        params = inspect.signature(fun).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
+    """`in_axes` as the call binds it: the prefix for the positional arguments, and the
+    axis of each keyword argument that the parameter at its position gives (as
+    `inspect.signature(fun).bind` binds the call); other keyword arguments: `DEFAULT`."""
+    if not isinstance(in_axes, tuple):
+        return in_axes, dict.fromkeys(kwargs, in_axes)
+    if len(in_axes) < len(args):
+        raise ValueError(
+            f"`in_axes` has {len(in_axes)} entries, but the call passes {len(args)} "
+            "positional arguments. Give one entry per positional argument "
+            "(`eqx_pmapstate.DEFAULT` for the default rule)."
+        )
+    if len(in_axes) == len(args):
+        return in_axes, {}
+    names = _positional_names(fun) or []
+    by_name = {}
+    for i in range(len(args), len(in_axes)):
+        name = names[i] if i < len(names) else None
+        if name in kwargs:
+            by_name[name] = in_axes[i]
+        elif name is None:
+            unbound = [k for k in kwargs if k not in names] or ["none"]
+            raise ValueError(
+                f"`in_axes` has {len(in_axes)} entries, but the call passes {len(args)} "
+                f"positional argument(s), and its keyword argument(s) "
+                f"{', '.join(map(str, unbound))} take no position. Such an argument "
+                "follows the default rule: lay it out on the mesh to choose its layout, "
+                "or give every axis with `eqx_pmapstate.StateAxes`."
+            )
+        # else: a parameter left to its default value, which is no input
+    return in_axes[: len(args)], by_name
+
+
+def _given_axes(in_axes, args, kwargs, flat, fun=None) -> list:
     """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`; per leaf
     of a callable pytree after them, `_fun_axis`."""
     n = len(jtu.tree_leaves((args, kwargs)))
@@ -170,8 +217,11 @@ def _given_axes(in_axes, args, kwargs, flat) -> list:
         by_path = in_axes.axes_of((args, kwargs))
         given = [by_path.get(p, DEFAULT) for p, _ in flat[:n]]
     else:
-        given = _prefix_axes(in_axes, args, "in_axes")
-        given += [DEFAULT] * (n - len(given))
+        positional, by_name = _bound_axes(in_axes, args, kwargs, fun)
+        given = _prefix_axes(positional, args, "in_axes")
+        for name in sorted(kwargs):  # in the order `(args, kwargs)` flattens
+            axis = by_name.get(name, DEFAULT)
+            given += _prefix_axes(axis, kwargs[name], f"in_axes for {name!r}")
     return given + [_fun_axis] * (len(flat) - n)
 
 
@@ -297,7 +347,7 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
     flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
     mesh = _find_mesh(leaves, self.axis_name, self.devices)
     n = mesh.shape[self.axis_name]
-    given = _given_axes(self.in_axes, args, kwargs, flat)
+    given = _given_axes(self.in_axes, args, kwargs, flat, self.fun)
     _check_argument_layouts(args, kwargs, flat, given, self.axis_name)
     dyn_index, in_axes, layout = [], [], []
     for i, ((path, x), g) in enumerate(zip(flat, given)):
@@ -770,7 +820,11 @@ def pmap2(
         are `int`, `None`, `DEFAULT` (the rule above, for that part) or a callable of a
         leaf (as in `eqx.filter_pmap`): `in_axes=(ep.DEFAULT, None)` keeps the model's
         layout and replicates the second argument; or with a
-        [`eqx_pmapstate.StateAxes`][] of filters.
+        [`eqx_pmapstate.StateAxes`][] of filters. A tuple binds to the parameters as
+        the call does: an argument passed by keyword takes the entry of its
+        parameter's position (`f(a, x, b=b)` reads as `f(a, x, b)`); a single axis
+        applies to keyword arguments too; a keyword-only argument follows the default
+        rule.
     - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
         structure equals that of an argument takes that argument's layout leaf by leaf
         (tried on the whole output, then on each element of a returned tuple; a bare

@@ -148,3 +148,61 @@ def test_gradient_through_a_step_is_the_same_under_jax_jit():
     assert eager.shape == jitted.shape == (3,)
     np.testing.assert_allclose(np.asarray(eager), np.asarray(expected), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(expected), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- item 7
+
+
+def _affine(a, x, b):
+    return a * x + b
+
+
+def test_in_axes_bind_to_parameters_passed_by_keyword():
+    a = jnp.float32(2.0)
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3)
+    b = jnp.arange(3.0)
+    expected = jax.pmap(_affine, in_axes=(None, 0, None))(a, x, b)
+    f = ep.pmap2(_affine, in_axes=(None, 0, None))
+    for out in (f(a, x, b), f(a, x, b=b), f(a, x=x, b=b), f(b=b, x=x, a=a)):
+        assert_laid_out(out, 0)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
+def test_a_single_in_axes_applies_to_keyword_arguments_too():
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3)
+    f = ep.pmap2(lambda x, y: x * y, in_axes=0)
+    np.testing.assert_array_equal(np.asarray(f(x, y=x)), np.asarray(f(x, x)))
+
+
+def test_a_parameter_left_to_its_default_needs_no_axis():
+    def scale(x, k=2.0):
+        return x * k
+
+    x = jnp.ones((N, 3))
+    out = ep.pmap2(scale, in_axes=(0, None))(x)
+    np.testing.assert_array_equal(np.asarray(out), np.full((N, 3), 2.0))
+
+
+def test_in_axes_that_cannot_bind_say_which_argument_in_a_short_message():
+    def keyword_only(a, x, *, b):
+        return a * x + b
+
+    a, x, b = jnp.float32(2.0), jnp.ones((N, 3)), jnp.arange(3.0)
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(keyword_only, in_axes=(None, 0, None))(a, x, b=b)
+    assert str(e.value) == (
+        "`in_axes` has 3 entries, but the call passes 2 positional argument(s), and "
+        "its keyword argument(s) b take no position. Such an argument follows the "
+        "default rule: lay it out on the mesh to choose its layout, or give every axis "
+        "with `eqx_pmapstate.StateAxes`."
+    )
+    assert len(str(e.value)) < 300
+    big = jnp.ones((N, 1000))  # its repr is long; the message stays short
+    with pytest.raises(ValueError, match="has 2 entries, but the call passes 3") as e:
+        ep.pmap2(_affine, in_axes=(None, 0))(a, big, big)
+    assert len(str(e.value)) < 300
+    with pytest.raises(ValueError, match="not a pytree prefix") as e:
+        ep.pmap2(_affine, in_axes=({"w": None}, 0, None))(
+            {"v": big}, big, jnp.float32(0)
+        )
+    assert len(str(e.value)) < 300
