@@ -141,20 +141,39 @@ def _check_axes_spec(spec, what: str) -> None:
     if spec is DEFAULT or isinstance(spec, StateAxes):
         return
     for leaf in jtu.tree_leaves(spec, is_leaf=lambda x: x is None):
-        ok = leaf is None or leaf is DEFAULT or callable(leaf)
+        ok = leaf is None or leaf is DEFAULT or isinstance(leaf, StateAxes)
+        ok = ok or callable(leaf)
         ok = ok or (isinstance(leaf, (int, np.integer)) and not isinstance(leaf, bool))
         if not ok:
             raise TypeError(
-                f"`{what}` must be a pytree prefix of the arguments whose leaves are ints "
-                "(an axis), None (replicated), `eqx_pmapstate.DEFAULT` (the default rule) "
-                "or callables of a leaf, or a `eqx_pmapstate.StateAxes`, but it holds "
-                f"{leaf!r} of type {type(leaf).__name__}."
+                f"`{what}` must be a `eqx_pmapstate.StateAxes`, or a pytree prefix of the "
+                "arguments whose leaves are ints (an axis), None (replicated), "
+                "`eqx_pmapstate.DEFAULT` (the default rule), `StateAxes` (for the part "
+                f"they cover) or callables of a leaf, but it holds {leaf!r} of type "
+                f"{type(leaf).__name__}."
             )
 
 
 def _prefix_axes(prefix, tree, what: str) -> list:
+    """Per leaf of `tree`, its entry of the prefix; a `StateAxes` among the prefix's
+    leaves gives the axes of the subtree it covers by its filters."""
     try:
-        return broadcast_prefix(prefix, tree)
+        given = broadcast_prefix(prefix, tree)
+        if not any(isinstance(g, StateAxes) for g in given):
+            return given
+        is_leaf = lambda x: x is None or isinstance(x, StateAxes)  # noqa: E731
+        structure = jtu.tree_structure(prefix, is_leaf=is_leaf)
+        out = []
+        for axes, sub in zip(
+            jtu.tree_leaves(prefix, is_leaf=is_leaf), structure.flatten_up_to(tree)
+        ):
+            if isinstance(axes, StateAxes):
+                by_path = axes.axes_of(sub)
+                flat = jtu.tree_flatten_with_path(sub)[0]
+                out.extend(by_path.get(p, DEFAULT) for p, _ in flat)
+            else:
+                out.extend([axes] * len(jtu.tree_leaves(sub)))
+        return out
     except ValueError as e:
         # JAX's message goes on with the whole tree's repr: keep its first clause.
         reason = str(e).split(";")[0][:160]
@@ -385,16 +404,32 @@ def _rule1_candidates(args, inputs: _Inputs, axis_name, fun=None) -> list:
     but bare arrays, which count only when left to the default rule and laid out on the
     mesh; a bare array only passes its layout to an array of its per-device shape and
     dtype. Then a callable pytree `fun`, and the
-    instance of a bound method (tried at position 0, as `self` is in the class body)."""
+    instance of a bound method (tried at position 0, as `self` is in the class body).
+    Each candidate: `(structure, position, bare, layouts, per-device shapes)`."""
     out = []
     if fun is not None:
         n = len(jtu.tree_leaves(fun))
         layouts = inputs.layout_of_leaf[len(inputs.layout_of_leaf) - n :]
+        shapes = _local_shapes(fun, layouts)
         instance = getattr(fun, "__self__", None)
         if instance is not None and len(jtu.tree_leaves(instance)) == n:
-            out.append((jtu.tree_structure(instance), 0, None, layouts))
-        out.append((jtu.tree_structure(fun), 0, None, layouts))
+            out.append((jtu.tree_structure(instance), 0, None, layouts, shapes))
+        out.append((jtu.tree_structure(fun), 0, None, layouts, shapes))
     return out + _arg_candidates(args, inputs, axis_name)
+
+
+def _local_shapes(tree, layouts) -> tuple:
+    """The per-device shape of each array leaf of `tree` (None for other leaves)."""
+    out = []
+    for leaf, axis in zip(jtu.tree_leaves(tree), layouts):
+        if not is_arraylike(leaf) or axis is DEFAULT:
+            out.append(None)
+            continue
+        shape = list(np.shape(leaf))
+        if axis is not None:
+            del shape[axis]
+        out.append(tuple(shape))
+    return tuple(out)
 
 
 def _arg_candidates(args, inputs: _Inputs, axis_name) -> list:
@@ -415,7 +450,8 @@ def _arg_candidates(args, inputs: _Inputs, axis_name) -> list:
                 del local[axis]
             bare = (tuple(local), jax.numpy.result_type(arg))
         layouts = inputs.layout_of_leaf[starts[a_idx] : starts[a_idx + 1]]
-        out.append((jtu.tree_structure(arg), a_idx, bare, layouts))
+        shapes = _local_shapes(arg, layouts)
+        out.append((jtu.tree_structure(arg), a_idx, bare, layouts, shapes))
     return out
 
 
@@ -423,17 +459,26 @@ def _inherited(candidates, sub, prefer=None) -> list | None:
     # The argument at the same position is tried first, then the others in order, so
     # that `return model, state` after `step(model, state, ...)` pairs them up even when
     # the two have the same structure.
+    # An output of the argument's structure but other per-device shapes (a norm per
+    # leaf) does not take its layout: the next rule decides.
     structure = jtu.tree_structure(sub)
-    for struct, a_idx, bare, layouts in sorted(
+    for struct, a_idx, bare, layouts, shapes in sorted(
         candidates, key=lambda c: c[1] != prefer
     ):
         if bare is not None and (
             not is_arraylike(sub) or (np.shape(sub), jax.numpy.result_type(sub)) != bare
         ):
             continue
-        if struct == structure:
+        if struct == structure and _same_shapes(sub, shapes):
             return list(layouts)
     return None
+
+
+def _same_shapes(sub, shapes) -> bool:
+    for leaf, shape in zip(jtu.tree_leaves(sub), shapes):
+        if shape is not None and is_output_array(leaf) and np.shape(leaf) != shape:
+            return False
+    return True
 
 
 def _wanted_by_default(candidates, out) -> list:
@@ -499,6 +544,8 @@ class _Fast(NamedTuple):
 
 def _check_donation(dyn, donated, paths) -> None:
     seen: dict = {}
+    donated_set = set(donated)
+    kept = {id(x): paths[j] for j, x in enumerate(dyn) if j not in donated_set}
     for d in donated:
         x = dyn[d]
         if isinstance(x, jax.Array) and not isinstance(x, Tracer):
@@ -513,6 +560,14 @@ def _check_donation(dyn, donated, paths) -> None:
                 f"The same array is passed twice, at {_where(seen[id(x)])} and "
                 f"{_where(paths[d])}, and would be donated twice (tied weights?). "
                 "Pass distinct arrays, or use `donate='none'`."
+            )
+        if id(x) in kept:
+            raise ValueError(
+                f"The same array is passed at {_where(paths[d])}, which is donated, and "
+                f"at {_where(kept[id(x)])}, which is not: its buffer cannot be both "
+                "given up and kept (a target network or an EMA that starts as the "
+                "parameters?). Pass a copy for one of them (`jnp.copy`), or use "
+                "`donate='none'`."
             )
         seen[id(x)] = paths[d]
 
@@ -592,6 +647,8 @@ class Pmap2:
             )
         _check_axes_spec(in_axes, "in_axes")
         _check_axes_spec(out_axes, "out_axes")
+        if devices is not None:
+            resolve_mesh(None, devices, axis_name)  # refuses bad `devices` at once
         functools.update_wrapper(self, fun)
         # As a function has: `jaxtyping.jaxtyped` reads the wrapped function's globals.
         self.__globals__ = getattr(fun, "__globals__", {})
@@ -741,6 +798,11 @@ class Pmap2:
             donate=inputs.donated,
             user_arrays=user,
         )
+        if any(isinstance(x, Tracer) for x in dyn):
+            # Inside a transformation: an outer `jax.jit` that names no layout, so that
+            # the transposed program (a VJP) takes a cotangent laid out otherwise than
+            # the output, as `jax.pmap`'s does; the inner one lays it out.
+            compiled.run = jax.jit(compiled.run)
         put = not all(_engine._placed(x, s) for x, s in zip(dyn, compiled.in_shardings))
         flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
         paths = tuple(flat[i][0] for i in inputs.dyn_index)
@@ -840,9 +902,10 @@ def pmap2(
         per device).
         Override in the same two forms as `in_axes`.
     - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
-        A donated input is gone after the call: passing it again, or passing the same
-        array twice among donated inputs (tied weights), is a `ValueError` before
-        anything is donated.
+        A donated input is gone after the call: passing it again, passing the same
+        array twice among donated inputs (tied weights), or passing one array both as a
+        donated input and as one that is not (an EMA that starts as the parameters), is
+        a `ValueError` before anything is donated.
     - `check_replicated`: replication is proved, never assumed. Every output that
         comes back replicated (by the rules above or because `out_axes` says so) must be
         proved the same on every device when the function is traced: a value computed

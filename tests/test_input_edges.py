@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_laid_out, N
+from jax.test_util import check_grads
 
 import eqx_pmapstate as ep
 
@@ -102,7 +103,7 @@ def _rule_cases():
             "out_axes StateAxes",
             lambda x: {"a": x, "b": jax.lax.pmean(x, "devices")},
             0,
-            ep.StateAxes({None: lambda path, leaf, *_: "b" in str(path)}),
+            ep.StateAxes({None: lambda path, state: "b" in jax.tree_util.keystr(path)}),
             (batch,),
         ),
     ]
@@ -206,3 +207,132 @@ def test_in_axes_that_cannot_bind_say_which_argument_in_a_short_message():
             {"v": big}, big, jnp.float32(0)
         )
     assert len(str(e.value)) < 300
+
+
+# --------------------------------------------------------------------------- peers' list
+
+
+def test_state_axes_for_one_argument_inside_an_in_axes_tuple():
+    # Flax NNX's form: `in_axes=(nnx.StateAxes({...}), 0)`.
+    from eqx_pmapstate.filters import OfType
+
+    class Cell(eqx.Module):
+        w: jax.Array
+        h: ep.ShortTermState
+
+        def __call__(self, x):
+            return x * self.w + self.h.value
+
+    hidden = np.arange(N * 3, dtype=np.float32).reshape(N, 3)
+    cell = Cell(jnp.arange(3.0), ep.ShortTermState(jnp.asarray(hidden)))
+    x = jnp.ones((N, 3))
+    axes = ep.StateAxes({0: OfType(ep.ShortTermState), None: ...})
+    out = ep.pmap2(lambda c, v: c(v), in_axes=(axes, 0))(cell, x)
+    expected = jax.pmap(lambda h, v: v * jnp.arange(3.0) + h)(hidden, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected))
+
+
+def test_map_with_state_axes_as_in_axes():
+    class Scale(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x):
+            return x * self.w
+
+    mapper = ep.Map(
+        lambda: Scale(jnp.arange(3.0)),
+        init_map_size=N,
+        init_state_axes={None: ...},
+        behavior="pmap",
+        in_axes=ep.StateAxes({0: ...}),
+    ).init_all_states()
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3)
+    for _ in range(2):  # it failed on every call
+        out = mapper(x)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(x) * np.arange(3.0))
+
+
+def test_one_scalar_per_leaf_of_a_model_with_a_state_on_axis_1():
+    key1, key2 = jax.random.split(jax.random.key(0))
+
+    def make():
+        i = jax.lax.axis_index("devices").astype(jnp.float32)
+        second = eqx.nn.Linear(4, 2, key=key2)
+        second = eqx.tree_at(lambda l: l.weight, second, second.weight + i)
+        return [eqx.nn.Linear(3, 4, key=key1), second]
+
+    def is_second_weight(path, state):
+        return jax.tree_util.keystr(path) == "[1].weight"
+
+    net = ep.pmap2_new_states(make, state_out_axes={1: is_second_weight, None: ...})
+    assert_laid_out(net[1].weight, 1)
+    norms = ep.pmap2(lambda m: jax.tree.map(lambda a: jnp.sqrt(jnp.sum(a**2)), m))(net)
+    # the per-device weight's norm differs per device: one per device, as jax.pmap
+    # returns it; the replicated leaves' norms are proved the same: one value.
+    assert norms[1].weight.shape == (N,)
+    assert_laid_out(norms[1].weight, 0)
+    w = np.moveaxis(np.asarray(net[1].weight), 1, 0)
+    np.testing.assert_allclose(
+        np.asarray(norms[1].weight), np.sqrt((w**2).sum((1, 2))), rtol=1e-5
+    )
+    assert norms[0].weight.shape == ()
+    np.testing.assert_allclose(
+        float(norms[0].weight), np.linalg.norm(np.asarray(net[0].weight)), rtol=1e-5
+    )
+
+
+def test_the_vjp_takes_a_cotangent_laid_out_otherwise_than_the_output():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    f = ep.pmap2(lambda v: jnp.sin(v) * 2, in_axes=0)
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3) / 10
+    y, vjp = jax.vjp(f, x)
+    assert_laid_out(y, 0)
+    cotangent = jax.device_put(jnp.ones((N, 3)), NamedSharding(y.sharding.mesh, P()))
+    (got,) = vjp(cotangent)
+    _, theirs = jax.vjp(jax.pmap(lambda v: jnp.sin(v) * 2), x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(theirs(cotangent)[0]))
+    np.testing.assert_allclose(np.asarray(got), 2 * np.cos(np.asarray(x)), rtol=1e-6)
+    check_grads(f, (x,), order=2, modes=["rev"], eps=1e-2)
+
+
+def test_empty_devices_are_refused_at_once():
+    with pytest.raises(ValueError, match=r"^`devices` is empty\. Pass the devices"):
+        ep.pmap2(lambda x: x, devices=[])
+
+
+def test_one_array_both_donated_and_kept_is_refused_before_anything_runs():
+    params = ep.pmap2_new_states(
+        lambda: {"w": jnp.arange(3.0)}, state_out_axes={None: ...}
+    )
+
+    @ep.pmap2(donate="all-except-first")
+    def ema_step(p, ema):
+        return p, jax.tree.map(lambda e, q: 0.9 * e + 0.1 * q, ema, p)
+
+    with pytest.raises(ValueError) as e:
+        ema_step(params, params)  # the first step of an EMA: ema is params
+    assert str(e.value).startswith(
+        "The same array is passed at args[1]['w'], which is donated, and at "
+        "args[0]['w'], which is not"
+    )
+    assert not params["w"].is_deleted()
+    _, ema = ema_step(params, jax.tree.map(jnp.copy, params))
+    np.testing.assert_allclose(np.asarray(ema["w"]), [0.0, 1.0, 2.0])
+
+
+def test_a_bound_method_s_arrays_passed_again_and_donated_are_refused():
+    class Tied(eqx.Module):
+        w: jax.Array
+
+        def add(self, v):
+            return self.w + v
+
+    m = ep.pmap2_new_states(lambda: Tied(jnp.ones(3)), state_out_axes={None: ...})
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(m.add, donate="all", in_axes=None)(m.w)
+    assert str(e.value).startswith(
+        "The same array is passed at args[0], which is donated, and at self.w, which "
+        "is not"
+    )
+    assert not m.w.is_deleted()
