@@ -97,10 +97,10 @@ def _code_of(fun):
     return type(fun).__call__
 
 
-def _fun_axis(x):
+def _fun_axis(x, axis_name):
     """The axis of an array of a callable pytree: its layout on the mesh, else None (a
     constant seen whole on every device, as a closed-over array is)."""
-    axis = read_axis(x) if isinstance(x, jax.Array) else _UNKNOWN
+    axis = read_axis(x, axis_name) if isinstance(x, jax.Array) else _UNKNOWN
     return None if axis is _UNKNOWN else axis
 
 
@@ -226,7 +226,7 @@ def _bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
     return in_axes[: len(args)], by_name
 
 
-def _given_axes(in_axes, args, kwargs, flat, fun=None) -> list:
+def _given_axes(in_axes, args, kwargs, flat, fun=None, axis_name="devices") -> list:
     """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`; per leaf
     of a callable pytree after them, `_fun_axis`."""
     n = len(jtu.tree_leaves((args, kwargs)))
@@ -241,7 +241,8 @@ def _given_axes(in_axes, args, kwargs, flat, fun=None) -> list:
         for name in sorted(kwargs):  # in the order `(args, kwargs)` flattens
             axis = by_name.get(name, DEFAULT)
             given += _prefix_axes(axis, kwargs[name], f"in_axes for {name!r}")
-    return given + [_fun_axis] * (len(flat) - n)
+    fun_axis = functools.partial(_fun_axis, axis_name=axis_name)
+    return given + [fun_axis] * (len(flat) - n)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -366,7 +367,7 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
     flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
     mesh = _find_mesh(leaves, self.axis_name, self.devices)
     n = mesh.shape[self.axis_name]
-    given = _given_axes(self.in_axes, args, kwargs, flat, self.fun)
+    given = _given_axes(self.in_axes, args, kwargs, flat, self.fun, self.axis_name)
     _check_argument_layouts(args, kwargs, flat, given, self.axis_name)
     dyn_index, in_axes, layout = [], [], []
     for i, ((path, x), g) in enumerate(zip(flat, given)):

@@ -131,8 +131,9 @@ def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
     name it; such a jaxpr fails inside the `shard_map` body that runs it. Only then is
     `flat_fn` traced again, in the body's context, where JAX moves such an array into the
     body first, as `jax.pmap` does. (Not always in that context: there, `eqx.nn.State`
-    finds a new value's type differs from the old one's, as under `jax.pmap`.) JAX 0.10
-    cannot index such an array there (its own `jax.pmap` fails too): a clear error.
+    finds a new value's type differs from the old one's, as under `jax.pmap`.) Some uses
+    JAX cannot trace there (`jnp.where` on such an array; indexing it, with JAX 0.10),
+    nor can its own `jax.pmap`: a clear error.
     """
     make = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])
     closed = make(*avals)
@@ -185,9 +186,9 @@ def _closed_message(closed) -> str:
     on_mesh = _consts_on_a_mesh(closed)
     shown = ", ".join(f"{c.dtype}{list(c.shape)}" for c in on_mesh[:3])
     return (
-        f"The function closes over array(s) laid out on a mesh ({shown}) and uses them "
-        f"in a way that JAX {jax.__version__} cannot run on one device of a mesh "
-        "(indexing one under `jax.vmap` or `jax.grad`; `jax.pmap` fails on it too). "
-        "Pass the array as an argument with an `in_axes` of None (it is then seen whole "
-        "on every device), or use JAX 0.12 or newer."
+        f"The function closes over array(s) laid out on a mesh ({shown}) and, under a "
+        "transformation such as `jax.vmap` or `jax.grad`, uses them in a way that JAX "
+        f"{jax.__version__} cannot run on one device of a mesh (`jnp.where` on one, or "
+        "indexing one with JAX 0.10; `jax.pmap` fails on it too). Pass such an array as "
+        "an argument with an `in_axes` of None: it is then seen whole on every device."
     )

@@ -111,20 +111,35 @@ def test_closed_over_arrays_in_a_pmap2_new_states_builder():
     np.testing.assert_allclose(np.asarray(made), expected)
 
 
-def test_indexing_a_closed_over_laid_out_array_under_vmap():
+mask = ep.pmap2_new_states(
+    lambda: jnp.array([True, False, True]), state_out_axes={None: ...}
+)
+USES = {  # what JAX cannot run on one device of a mesh, nor can `jax.pmap`
+    "index": (lambda r, w, m: r * w[2], lambda x: x * np.asarray(per_device)[2]),
+    "where": (lambda r, w, m: jnp.where(m, r, 0.0), lambda x: x * [1.0, 0.0, 1.0]),
+}
+
+
+@pytest.mark.parametrize("use", sorted(USES))
+def test_a_closed_over_laid_out_array_that_jax_cannot_take(use):
+    row, numpy_row = USES[use]
+    runs = NEW_JAX and use == "index"  # JAX 0.12 indexes it
+
     def step(xs):
-        return jax.vmap(lambda r: r * per_device[2])(xs)
+        return jax.vmap(lambda r: row(r, per_device, mask))(xs)
 
     x = _x()
-    expected = np.asarray(x) * np.asarray(per_device)[2]
-    if NEW_JAX:
+    expected = numpy_row(np.asarray(x))
+    if runs:
         np.testing.assert_allclose(np.asarray(ep.pmap2(step)(x)), expected)
-    else:  # JAX 0.10 cannot run it on one device of a mesh (nor can `jax.pmap`)
+    else:
         with pytest.raises(ValueError, match=r"closes over array\(s\) laid out on a"):
             ep.pmap2(step)(x)
     # Passed as a replicated argument it works everywhere.
-    f = ep.pmap2(lambda w, xs: jax.vmap(lambda r: r * w[2])(xs), in_axes=(None, 0))
-    np.testing.assert_allclose(np.asarray(f(per_device, x)), expected)
+    f = ep.pmap2(
+        lambda w, m, xs: jax.vmap(lambda r: row(r, w, m))(xs), in_axes=(None, None, 0)
+    )
+    np.testing.assert_allclose(np.asarray(f(per_device, mask, x)), expected)
 
 
 def test_indexing_a_closed_over_laid_out_array_without_a_transformation():
