@@ -99,7 +99,10 @@ def _code_of(fun):
 
 def _fun_axis(x, axis_name):
     """The axis of an array of a callable pytree: its layout on the mesh, else None (a
-    constant seen whole on every device, as a closed-over array is)."""
+    constant seen whole on every device, as a closed-over array is). A tracer's layout
+    cannot be read: `DEFAULT`, which refuses it."""
+    if isinstance(x, Tracer):
+        return DEFAULT
     axis = read_axis(x, axis_name) if isinstance(x, jax.Array) else _UNKNOWN
     return None if axis is _UNKNOWN else axis
 
@@ -332,6 +335,14 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     if callable(g) and g is not DEFAULT:
         g = g(x)
     if g is DEFAULT:
+        if isinstance(x, Tracer) and getattr(path[0], "idx", None) == 2:
+            raise ValueError(
+                f"The function's array {_where(path)} is traced (`pmap2` is called "
+                "inside `jax.jit`, `jax.grad`, `jax.vmap` or another transformation), "
+                "so its layout cannot be read. Pass the model as an argument instead, "
+                "with its axes in `in_axes`: `pmap2(lambda m, x: m(x), in_axes=(None, "
+                "0))(model, x)` for a replicated model."
+            )
         if isinstance(x, Tracer):
             raise ValueError(
                 f"The input {_where(path)} is traced (`pmap2` is called inside `jax.jit`, "
@@ -874,7 +885,9 @@ def pmap2(
         device, as a closed-over array is and as `eqx.filter_pmap` takes it). An output
         with the structure of the instance takes its layout, as one returning `self`
         does with the method decorated in the class body. These arrays are never
-        donated, and a new instance of the same structure reuses the program.
+        donated, and a new instance of the same structure reuses the program. Inside
+        `jax.jit` or another transformation their layout cannot be read: pass the model
+        as an argument instead, with its axes in `in_axes`.
     - `axis_name`: the mesh axis to map over.
     - `in_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), an array already laid out on
         the mesh keeps its layout (mapped over its device axis, or broadcast if

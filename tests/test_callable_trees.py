@@ -160,3 +160,21 @@ def test_bound_method_in_a_map():
     np.testing.assert_allclose(
         np.asarray(got), np.tanh(np.asarray(x) * w) + s, rtol=1e-6
     )
+
+
+def test_inside_jax_jit_the_function_s_arrays_cannot_be_read_and_are_refused():
+    # Traced, a per-device state's layout is unknown: seeing it whole on every device
+    # would silently differ from the eager call, so it is an error that says what to do.
+    m = ep.pmap2_new_states(_model)
+    x = _x()
+    with pytest.raises(
+        ValueError, match=r"^The function's array self.w.value is traced"
+    ):
+        jax.jit(lambda m, x: ep.pmap2(m.forward, in_axes=0)(x))(m, x)
+    # As it advises: the model as an argument, its axes given.
+    from eqx_pmapstate.filters import OfType
+
+    axes = ep.StateAxes({0: OfType(ep.ShortTermState), None: ...})
+    step = ep.pmap2(lambda m, v: m.forward(v), in_axes=(axes, 0))
+    got = jax.jit(step)(m, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ep.pmap2(m.forward)(x)))
