@@ -9,7 +9,8 @@ from ._describe import (
     states_by_axis as states_by_axis,
 )
 from ._distributed import initialize_distributed as initialize_distributed
-from ._engine import ReplicationError as ReplicationError
+from ._errors import ReplicationError as ReplicationError
+from ._explain import RecompileWarning as RecompileWarning
 from ._layout import DEFAULT as DEFAULT
 from ._map import Map as Map
 from ._new_states import (

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 from ._jax_compat import register_with_jax_clear_caches
 from ._keys import WeakId
+from ._stores import clear_stores
 
 
 MAXSIZE = 256
@@ -27,8 +28,10 @@ class ProgramCache:
 
     An entry whose key holds an array by weak reference (`WeakId`) is dropped once that
     array is gone: it could never be hit again, and dropping it frees the program.
-    Holders of per-function fast paths (each `pmap2` function) register a `clear`
-    callback, so that clearing this cache clears them too.
+    Holders of per-function fast paths (each `pmap2` function) listen: clearing this
+    cache clears them (`clear_fast_path()`), and an entry evicted or dropped here is
+    forgotten there too (`forget(values)`), so that no fast path outlives the entries
+    it points to.
     """
 
     def __init__(self, maxsize: int = MAXSIZE):
@@ -51,23 +54,31 @@ class ProgramCache:
 
     def put(self, key, value, weak: Sequence[WeakId] = ()) -> None:
         with self._lock:
-            self._drop_dead()
+            gone = self._drop_dead()
             self._entries[key] = value
             self._entries.move_to_end(key)
             if weak:
                 self._weak[key] = tuple(weak)
             while len(self._entries) > self.maxsize:
-                old, _ = self._entries.popitem(last=False)
+                old, old_value = self._entries.popitem(last=False)
                 self._weak.pop(old, None)
+                gone.append(old_value)
+            listeners = list(self._listeners) if gone else []
+        for obj in listeners:
+            obj.forget(gone)
 
-    def _drop_dead(self) -> None:
+    def _drop_dead(self) -> list:
+        """Drops the entries keyed on an array that is gone; returns their values."""
         dead = [k for k, ws in self._weak.items() if not all(w.alive for w in ws)]
+        gone = []
         for k in dead:
-            self._entries.pop(k, None)
+            gone.append(self._entries.pop(k, None))
             del self._weak[k]
+        return gone
 
     def listen(self, obj) -> None:
-        """`obj.clear_fast_path()` is called whenever this cache is cleared."""
+        """`obj.clear_fast_path()` is called whenever this cache is cleared, and
+        `obj.forget(values)` with the values of entries evicted or dropped."""
         self._listeners.add(obj)
 
     # The interface `functools.lru_cache` has, which `jax.clear_caches()` uses.
@@ -80,10 +91,11 @@ class ProgramCache:
             listeners = list(self._listeners)
         for obj in listeners:
             obj.clear_fast_path()
+        clear_stores()
 
     def cache_info(self) -> CacheInfo:
         with self._lock:
-            self._drop_dead()
+            self._drop_dead()  # (their fast paths go when the next entry is put)
             return CacheInfo(self._hits, self._misses, self.maxsize, len(self._entries))
 
     def cache_keys(self) -> list:
@@ -96,7 +108,9 @@ register_with_jax_clear_caches(programs, "eqx_pmapstate compiled programs")
 
 
 def clear_caches() -> None:
-    """Drops every program this library compiled and cached.
+    """Drops every program this library compiled and cached, and empties its other
+    stores: each `pmap2` function's shortcuts and compile log, the meshes it made,
+    `Map`'s functions, and what it memoised about code objects.
 
     `jax.clear_caches()` does the same (and clears JAX's own caches). Programs are
     otherwise kept until their least recent use is among the oldest of

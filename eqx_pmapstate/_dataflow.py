@@ -23,36 +23,46 @@ from collections.abc import Hashable, Sequence
 from ._jax_compat import Literal, open_jaxpr, subjaxprs
 
 
+# The primitive names below are those JAX emits. Seen (`tests/test_dataflow.py` traces
+# the constructs users write and fails on a name the pass does not know) with JAX 0.10.2
+# and 0.12.1 under pmap2's trace (`jax.make_jaxpr` with the axis bound: `jax.pmap`'s
+# semantics): `psum` (also for `pmean`), `pmax`, `pmin`, `all_gather` (also for
+# `to="invarying"`, 0.12), `pbroadcast`, `reduce_scatter` (`psum_scatter`),
+# `axis_index`; `jit`, `remat2`, `custom_jvp_call`, `custom_vjp_call`, `cond`, `while`,
+# `scan`. The other names are those of older JAX or of a body traced with varying-axis
+# typing (`shard_map(check_vma=True)`: `psum_invariant`, `all_gather_invariant`,
+# `pvary`, `pcast`); a name the pass does not know only makes its proof conservative.
+
 # Collectives whose result is the same on every device of the axes they reduce over.
 _REDUCING = frozenset(
     {
-        "psum",
-        "psum2",
-        "psum_invariant",
-        "pmax",
-        "pmin",
-        "all_gather",
-        "all_gather_invariant",
-        "pbroadcast",
+        "psum",  # psum, pmean: 0.10.2-0.12.1
+        "psum2",  # older JAX, varying-axis typing
+        "psum_invariant",  # varying-axis typing
+        "pmax",  # 0.10.2-0.12.1
+        "pmin",  # 0.10.2-0.12.1
+        "all_gather",  # all_gather (any `to`): 0.10.2-0.12.1
+        "all_gather_invariant",  # varying-axis typing
+        "pbroadcast",  # 0.10.2-0.12.1
     }
 )
-# Operations that change how a value is typed, not the value.
+# Operations that change how a value is typed, not the value (varying-axis typing).
 _VALUE_PRESERVING = frozenset({"pvary", "pcast"})
 # Operations whose result may differ between devices whatever their inputs.
 _IMPURE = frozenset({"io_callback", "rng_uniform"})
 # Operations that call their one sub-jaxpr once on their operands.
 _CALLS = frozenset(
     {
-        "pjit",
-        "jit",
-        "closed_call",
+        "pjit",  # jax.jit before JAX 0.7
+        "jit",  # jax.jit: 0.10.2-0.12.1
+        "closed_call",  # jax.extend's jaxpr_as_fun inside a trace (older JAX)
         "core_call",
-        "remat",
-        "remat2",
+        "remat",  # older JAX
+        "remat2",  # jax.checkpoint: 0.10.2-0.12.1
         "checkpoint",
-        "custom_jvp_call",
-        "custom_vjp_call",
-        "custom_vjp_call_jaxpr",
+        "custom_jvp_call",  # 0.10.2-0.12.1
+        "custom_vjp_call",  # 0.10.2-0.12.1
+        "custom_vjp_call_jaxpr",  # older JAX
     }
 )
 

@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import jax
 
+from ._jax_compat import backends_are_initialized
+
 
 COORDINATOR = "EQX_PMAPSTATE_COORDINATOR"
 NUM_PROCESSES = "EQX_PMAPSTATE_NUM_PROCESSES"
@@ -58,15 +60,6 @@ def launch_environment(environ=None) -> Launch | None:
     )
 
 
-def _backend_initialised() -> bool:
-    try:
-        from jax._src import xla_bridge
-    except ImportError:  # pragma: no cover - a JAX without it
-        return False
-    check = getattr(xla_bridge, "backends_are_initialized", None)
-    return False if check is None else check()
-
-
 def _too_late(what: str) -> RuntimeError:
     return RuntimeError(
         f"`eqx_pmapstate.initialize_distributed` must {what}, but JAX's backend is "
@@ -80,7 +73,7 @@ def _too_late(what: str) -> RuntimeError:
 def _set_cpu_device_count(count: int) -> None:
     if count < 1:
         raise ValueError(f"`local_devices` must be at least 1, not {count}.")
-    if _backend_initialised():
+    if backends_are_initialized():
         if jax.local_device_count(backend="cpu") == count:
             return  # already so
         raise _too_late(f"set the number of CPU devices to {count}")
@@ -176,7 +169,7 @@ def initialize_distributed(
     launch = launch_environment()
     if launch is not None and jax.distributed.is_initialized():
         return True  # a second call: the first one did the work
-    if launch is not None and _backend_initialised():
+    if launch is not None and backends_are_initialized():
         raise _too_late("join the other processes of `eqx_pmapstate.launch`")
     if local_devices is None and launch is not None:
         local_devices = launch.local_devices

@@ -29,21 +29,6 @@ from . import _program
 from ._jax_compat import hoist_consts, Tracer
 from ._mesh import axis_spec
 from ._trace import Traced
-from ._tree import paths_str
-
-
-class ReplicationError(ValueError):
-    """A leaf that should be the same on every device is not."""
-
-
-def replication_message(paths, axis_name) -> str:
-    return (
-        f"The leaf/leaves at {paths_str(paths)} should be the same on every device of the "
-        f"axis {axis_name!r} (replicated), but differ between devices. If they are "
-        "parameters updated from gradients, average the gradients first with "
-        f"`jax.lax.pmean(grads, {axis_name!r})`; if they are meant to differ, return them "
-        "with a device axis (`out_axes=0`)."
-    )
 
 
 class Pass(NamedTuple):

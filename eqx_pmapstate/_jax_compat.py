@@ -1,9 +1,11 @@
 """Everything this library takes from JAX beyond its main public API, in one place.
 
 The jaxpr types come from `jax.extend.core`, JAX's API for libraries that read and
-evaluate jaxprs; `Tracer` from `jax.core`. One private function is used: `jax._src.util.register_cache`, so that
-`jax.clear_caches()` also clears this library's cache. `tests/test_jax_compat.py` pins
-each of these; if JAX changes one, that test fails.
+evaluate jaxprs; `Tracer` from `jax.core`. Two private functions are used:
+`jax._src.util.register_cache`, so that `jax.clear_caches()` also clears this library's
+cache, and `jax._src.xla_bridge.backends_are_initialized`, so that
+`initialize_distributed` can say it is called too late instead of failing inside JAX.
+`tests/test_jax_compat.py` pins each of these; if JAX changes one, that test fails.
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def per_device_mesh(mesh, axis_name):
     return mesh.abstract_mesh.update_axis_types(
         {axis_name: jax.sharding.AxisType.Manual}
     )
+
+
+def backends_are_initialized() -> bool:
+    """Whether JAX's backends exist already (a computation ran, or devices were asked
+    for), after which `jax.distributed.initialize` is too late. False where JAX does not
+    say (the test pins that it does)."""
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - a JAX without it
+        return False
+    check = getattr(xla_bridge, "backends_are_initialized", None)
+    return False if check is None else bool(check())
 
 
 def register_with_jax_clear_caches(cache, what: str) -> bool:

@@ -30,6 +30,8 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
+from ._stores import register_store
+
 
 _MISSING = object()
 _DEPTH = 4  # how many functions deep the globals and closures are followed
@@ -110,20 +112,31 @@ class Guard:
 
 
 @functools.lru_cache(maxsize=4096)
-def _assigned(code: types.CodeType) -> frozenset[str]:
+def assigned_names(code: types.CodeType) -> frozenset[str]:
     """The global and closure variables a function's own code assigns to."""
     stores = {"STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF"}
     return frozenset(i.argval for i in dis.get_instructions(code) if i.opname in stores)
 
 
+_LOADS = {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"}
+
+
 @functools.lru_cache(maxsize=4096)
 def _names_read(code: types.CodeType) -> tuple[str, ...]:
-    """The names a code object (and the code nested in it) may read as globals."""
-    names = set(code.co_names)
+    """The names a code object (and the code nested in it) reads as globals: those of
+    its global loads, not `co_names`, which also holds every attribute name (`ts.params`
+    does not read a global `params`)."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in _LOADS}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names.update(_names_read(const))
     return tuple(sorted(names))
+
+
+register_store(
+    "what code objects read and assign",
+    lambda: (assigned_names.cache_clear(), _names_read.cache_clear()),
+)
 
 
 class KeyedWalk:
@@ -189,7 +202,7 @@ class KeyedWalk:
         if depth <= 0 or id(f) in self._functions:
             return ("function", self.weak_id(f))
         self._functions.add(id(f))
-        assigned = _assigned(f.__code__)
+        assigned = assigned_names(f.__code__)
         cells = tuple(
             self._cell(c, depth - 1)
             for name, c in zip(f.__code__.co_freevars, f.__closure__ or ())
@@ -200,7 +213,7 @@ class KeyedWalk:
         for name in _names_read(f.__code__):
             value = glob.get(name, _MISSING)
             if value is _MISSING or name in assigned:
-                continue  # a builtin, an attribute name, or the function's own state
+                continue  # a builtin, or the function's own state
             self.guards.append(Guard(glob, name, value))
             names.append((name, self.value(value, depth - 1)))
         defaults = tuple(self.value(d, depth - 1) for d in (f.__defaults__ or ()))

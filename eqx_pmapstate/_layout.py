@@ -13,7 +13,8 @@ from typing import Literal, NamedTuple
 
 from ._assign import normalize_axis
 from ._engine import Layout, Pass
-from ._tree import keystr, paths_str
+from ._errors import unproved_outputs
+from ._tree import keystr
 
 
 class Default:
@@ -73,17 +74,7 @@ def step_layout(
         else:
             axes.append(axis)
     if unproved:
-        raise ValueError(
-            f"The output at {paths_str(unproved)} must come back replicated (the same on "
-            f"every device of the axis {axis_name!r}), but it is computed from mapped "
-            "inputs (or `jax.lax.axis_index`) without a collective such as "
-            "`jax.lax.pmean`, `psum` or `all_gather` over the axis, so it may differ "
-            "between devices. Reduce it over the axis (for gradients: "
-            f"`jax.lax.pmean(grads, {axis_name!r})`), or return it with a device axis "
-            "(`out_axes=0`). If it is equal on every device for a reason this library "
-            "cannot see, pass `check_replicated='runtime'` to have it compared at run "
-            "time instead."
-        )
+        raise unproved_outputs(unproved, axis_name)
     return Layout(tuple(axes), frozenset(checked))
 
 

@@ -12,7 +12,8 @@ import jax.tree_util as jtu
 from ._describe import leaf_axis
 from ._mesh import _UNKNOWN, check_axis_size, read_axis
 from ._new_states import pmap2_new_states, vmap2_new_states
-from ._pmap2 import pmap2
+from ._pmap2 import Pmap2
+from ._stores import register_store
 
 
 def _apply(module, *args, **kwargs):
@@ -25,9 +26,21 @@ def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
         axis = read_axis(x, axis_name)
         return None if axis is _UNKNOWN else axis
 
-    return pmap2(
-        _apply, axis_name=axis_name, in_axes=(module_axis,) + in_axes, out_axes=out_axes
+    # One for every `Map` with these settings, over modules of any shape: its recompiles
+    # are not one function's, so they are not explained.
+    return Pmap2(
+        _apply,
+        axis_name=axis_name,
+        in_axes=(module_axis,) + in_axes,
+        out_axes=out_axes,
+        donate="none",
+        check_replicated=True,
+        devices=None,
+        explain=False,
     )
+
+
+register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
 
 
 def _hashable(axes):

@@ -7,9 +7,19 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ._stores import register_store
+
 
 _lock = threading.Lock()
 _meshes: dict = {}
+
+
+def _clear_meshes() -> None:
+    with _lock:
+        _meshes.clear()
+
+
+register_store("meshes", _clear_meshes)
 
 
 def check_axis_size(axis_size, what: str = "axis_size") -> None:

@@ -16,6 +16,11 @@ from ._assign import assign_axis, mapped_axis, normalize_out_axes, warn_unmatche
 from ._cache import programs
 from ._dataflow import varying_outputs
 from ._describe import leaf_axis
+from ._errors import (
+    differing_states,
+    uncheckable_states,
+    unproved_abstract_states,
+)
 from ._jax_compat import Tracer
 from ._keys import KeyedWalk
 from ._layout import new_states_layout, OutLeaf
@@ -23,7 +28,7 @@ from ._mesh import _UNKNOWN, check_axis_size, read_axis, resolve_mesh
 from ._registry import register
 from ._state import State
 from ._trace import active_axis, is_output_array, per_device_avals, trace
-from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr, paths_str
+from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr
 from ._typing import OutAxes
 
 
@@ -331,6 +336,11 @@ def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
     ]
     several = mesh is not None and jax.process_count() > 1
     layout = new_states_layout(leaves, wanted, inputs.held, several)
+    unproved = tuple(
+        keystr(leaf.path)
+        for leaf, axis in zip(leaves, layout.axes)
+        if axis is None and leaf.varying
+    )
     compiled, cacheable = _engine.build(
         traced,
         layout,
@@ -340,27 +350,15 @@ def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
         axis_size=n,
         user_arrays=user_arrays,
     )
-    return (compiled, tuple(matched)), cacheable
+    return (compiled, tuple(matched), unproved), cacheable
 
 
 def _raise_if_differ(compiled, flags) -> None:
     if isinstance(flags, Tracer):
-        raise ValueError(
-            f"The state(s) at {paths_str(keystr(p) for p in compiled.checked_paths)} are to "
-            "be replicated (axis None), but this library cannot prove them the same on "
-            "every device, and inside `jax.jit` (or another transformation) it cannot "
-            "compare them either. Call `pmap2_new_states` outside the transformation, or "
-            "give these states a device axis in `state_out_axes`."
-        )
+        raise uncheckable_states([keystr(p) for p in compiled.checked_paths])
     bad = [keystr(p) for p in compiled.mismatched(flags)]
     if bad:
-        raise ValueError(
-            f"The state(s) at {paths_str(bad)} are to be replicated (axis None), but their "
-            "values differ between devices (or ensemble members, or processes). A "
-            "replicated state must "
-            "be the same everywhere: create it from replicated inputs only, or give it a "
-            "device axis in `state_out_axes` (and do not mark it `NonBatchState`)."
-        )
+        raise differing_states(bad)
 
 
 def _refuse_nesting(what: str) -> None:
@@ -398,7 +396,7 @@ def _new_states(
     key += (tuple(inputs.in_axes), tuple(avals))
     user = {id(w.get()) for w in walk.weak if w.alive}
     fn = _per_device_fn(inputs, init_form, module, state_tag)
-    compiled, matched = _engine.cached(
+    compiled, matched, unproved = _engine.cached(
         programs,
         key,
         walk.weak,
@@ -408,6 +406,8 @@ def _new_states(
     )
     warn_unmatched(spec, list(matched))
     if not run:
+        if unproved:
+            raise unproved_abstract_states(unproved)
         return compiled.abstract(inputs.dyn)
     out, flags = compiled(inputs.dyn)
     if flags is not None:
@@ -504,6 +504,13 @@ def pmap2_new_states(
     The new pytree. With the `init_state` form, the leaves the module already held come
     back unchanged and undistributed.
 
+    **Raises:**
+
+    [`eqx_pmapstate.ReplicationError`][] (a `ValueError`) naming the replicated states
+    whose values differ between devices: a replicated state that is not proved the same
+    on every device (made from a mapped input or `jax.lax.axis_index`) is compared when
+    it is made.
+
     !!! example
 
         ```python
@@ -554,6 +561,14 @@ def eval_new_states(
     The new tree with every new array replaced by a `jax.ShapeDtypeStruct` with its global
     shape, dtype and sharding (the leaves a module held come back as structs of
     themselves), and everything else as `pmap2_new_states` would return it.
+
+    **Raises:**
+
+    [`eqx_pmapstate.ReplicationError`][] naming the replicated states that are not
+    proved the same on every device (made from a mapped input or
+    `jax.lax.axis_index`): `pmap2_new_states` would compare them when made, and
+    `eval_new_states` runs nothing that could. Give them a device axis, or make them
+    from replicated inputs.
     """
     return _over_devices(
         "eval_new_states",

@@ -17,11 +17,13 @@ from . import _engine
 from ._assign import assign_axis, mapped_axis, normalize_out_axes
 from ._cache import programs
 from ._dataflow import varying_outputs
-from ._engine import replication_message, ReplicationError
+from ._errors import differing_outputs
+from ._explain import CompileLog, leaf_names
 from ._jax_compat import Tracer
 from ._keys import Guard, KeyedWalk, WeakId
 from ._layout import CheckMode, DEFAULT, OutLeaf, output_name, step_layout
 from ._mesh import _UNKNOWN, axis_spec, mesh_str, read_axis, resolve_mesh
+from ._stores import register_store
 from ._trace import active_axis, is_output_array, per_device_avals, trace
 from ._tree import broadcast_prefix, is_arraylike, iter_states
 from ._typing import OutAxes
@@ -108,6 +110,7 @@ def _fun_axis(x, axis_name):
 
 
 _CONCRETE: set = set()  # the types of concrete `jax.Array`s seen (`ArrayImpl`)
+register_store("array types", _CONCRETE.clear)
 
 
 def _signature(leaves) -> tuple:
@@ -587,10 +590,12 @@ def _check_donation(dyn, donated, paths) -> None:
 class Lowered:
     """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
 
-    def __init__(self, lowered, entry: _Entry, treedef, signature, check, tree):
+    def __init__(
+        self, lowered, entry: _Entry, treedef, signature, check, axis_name, tree
+    ):
         self.lowered = lowered  # the `jax.stages.Lowered` of the program
         self._entry, self._treedef, self._signature = entry, treedef, signature
-        self._check = check
+        self._check, self._axis_name = check, axis_name
         self._tree = tree  # `Pmap2._tree`: the tree of a call's inputs
 
     def as_text(self, *args, **kwargs) -> str:
@@ -618,10 +623,17 @@ class CompiledCall:
                 "The arguments do not match those this program was lowered for (tree "
                 "structure, shapes, dtypes and layouts). Lower it again for them."
             )
-        return _run(low._entry, leaves, self.executable, low._check)
+        return _run(low._entry, leaves, self.executable, low._check, low._axis_name)
 
 
-def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
+def _run(entry: _Entry, leaves, run, check, axis_name):
+    """One call of a compiled entry, whichever way it was reached (a call, its fast
+    path, or `lower().compile()`): the donation checks, the program, the run-time
+    replication check, and the outputs in their structure."""
+    if entry.donated:
+        _check_donation(
+            [leaves[i] for i in entry.dyn_index], entry.donated, entry.paths
+        )
     compiled = entry.compiled
     dyn = [leaves[i] for i in entry.dyn_index]
     if entry.put:
@@ -632,7 +644,7 @@ def _run(entry: _Entry, leaves, run, check, axis_name="devices"):
         if check == "runtime":
             bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
             if bad:
-                raise ReplicationError(replication_message(bad, axis_name))
+                raise differing_outputs(bad, axis_name)
     return compiled.assemble(dyn, outs)
 
 
@@ -640,7 +652,16 @@ class Pmap2:
     """A function mapped over the devices of a mesh axis; made by [`eqx_pmapstate.pmap2`][]."""
 
     def __init__(
-        self, fun, *, axis_name, in_axes, out_axes, donate, check_replicated, devices
+        self,
+        fun,
+        *,
+        axis_name,
+        in_axes,
+        out_axes,
+        donate,
+        check_replicated,
+        devices,
+        explain: bool = True,
     ):
         if not callable(fun):
             raise TypeError(f"`pmap2` needs a callable, but got {fun!r}.")
@@ -681,10 +702,20 @@ class Pmap2:
         }
         self._check: CheckMode = modes[check_replicated]
         self._fast: dict = {}
+        self._compiles = CompileLog() if explain else None
         programs.listen(self)
 
     def clear_fast_path(self) -> None:
         self._fast.clear()
+        if self._compiles is not None:
+            self._compiles.clear()
+
+    def forget(self, values) -> None:
+        """Drops the shortcuts to entries the library's cache no longer holds."""
+        gone = {id(v) for v in values}
+        for sig, fast in list(self._fast.items()):
+            if id(fast.entry) in gone:
+                self._fast.pop(sig, None)
 
     def __get__(self, instance, owner=None):
         if instance is None:
@@ -703,10 +734,6 @@ class Pmap2:
         if fast is None or not fast.valid():
             fast = self._entry(args, kwargs, leaves, sig)
         entry = fast.entry
-        if entry.donated:
-            _check_donation(
-                [leaves[i] for i in entry.dyn_index], entry.donated, entry.paths
-            )
         return _run(entry, leaves, entry.compiled.run, self._check, self.axis_name)
 
     def lower(self, *args, **kwargs) -> Lowered:
@@ -723,7 +750,9 @@ class Pmap2:
         compiled = entry.compiled
         dyn = compiled.place([leaves[i] for i in entry.dyn_index])
         lowered = compiled.run.lower(*compiled.const_values(), *dyn)
-        return Lowered(lowered, entry, treedef, sig[1], self._check, self._tree)
+        return Lowered(
+            lowered, entry, treedef, sig[1], self._check, self.axis_name, self._tree
+        )
 
     # -- once per signature
 
@@ -755,10 +784,20 @@ class Pmap2:
             )
         walk = KeyedWalk()
         key = self._key(walk, leaves, sig)
-        entry = _engine.cached(
-            programs, key, walk.weak, lambda: self._compile(args, kwargs, leaves, walk)
-        )
-        fast = _Fast(entry, tuple(walk.guards))
+        missed = []
+
+        def compile_on_miss():
+            missed.append(key)
+            return self._compile(args, kwargs, leaves, walk)
+
+        entry = _engine.cached(programs, key, walk.weak, compile_on_miss)
+        if missed and self._compiles is not None:
+            names = lambda: leaf_names(self._tree(args, kwargs), _where)  # noqa: E731
+            self._compiles.compiled(self.fun, key, names)
+        # One guard per global name or cell (a name read by two functions of one
+        # module is checked once).
+        unique = {(id(g.container), g.name): g for g in walk.guards}
+        fast = _Fast(entry, tuple(unique.values()))
         if not any(isinstance(c(), Tracer) for c in entry.compiled.consts):
             self._fast[sig] = fast
         return fast
@@ -925,11 +964,12 @@ def pmap2(
         proved the same on every device when the function is traced: a value computed
         only from replicated inputs, or reduced over the axis by `psum`, `pmean`, `pmax`,
         `pmin` or `all_gather`. An output that must be replicated but is not proved so
-        (a parameter updated with a gradient that was not `pmean`'d) is a `ValueError`
-        naming it, before anything runs, at no run-time cost (`True`, the default).
+        (a parameter updated with a gradient that was not `pmean`'d) is an
+        [`eqx_pmapstate.ReplicationError`][] (a `ValueError`) naming it, before anything
+        runs, at no run-time cost (`True`, the default).
         `"runtime"` instead compares such outputs across devices after each call (two
-        hashes per leaf and one `pmax`; the call waits for the check) and raises
-        [`eqx_pmapstate.ReplicationError`][] naming the leaves that differ: for values
+        hashes per leaf and one `pmax`; the call waits for the check) and raises a
+        `ReplicationError` naming the leaves that differ: for values
         that are equal for a reason the proof cannot see. `False` takes them as they are,
         as `jax.pmap` does (each device keeps its own value under a replicated label).
     - `devices`: devices or a `Mesh` to use when no input is laid out on a mesh yet.

@@ -11,13 +11,18 @@ for two processes of 4 CPU devices as for one process of 8:
 
 `--resume` continues from the newest checkpoint in `--checkpoint-dir`, so a run that
 died (`--crash-at STEP` kills process `--crash-process` there, to try it) finishes with
-the parameters an uninterrupted run would have had, to the bit.
+the parameters an uninterrupted run would have had, to the bit. Without `--resume`, a run
+starts afresh: it removes the checkpoints an earlier run left in `--checkpoint-dir`, and
+says so. Only the newest `--keep` checkpoints are kept, as Orbax's `CheckpointManager`
+keeps them, so the script can run again and again in the same folder.
 """
 
 import argparse
 import hashlib
 import os
 import pathlib
+import re
+import shutil
 import signal
 
 import jax
@@ -33,6 +38,7 @@ import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jaxtyping import Array, Int  # noqa: E402
 
 from eqx_pmapstate import PerDevice  # noqa: E402
@@ -113,9 +119,36 @@ def checksum(model) -> tuple[float, str]:
     return float(sum(p.astype(np.float64).sum() for p in leaves)), digest[:16]
 
 
-def newest_checkpoint(directory: pathlib.Path) -> tuple[int, pathlib.Path] | None:
-    found = sorted((int(p.name.split("_")[1]), p) for p in directory.glob("step_*"))
-    return found[-1] if found else None
+def checkpoints(directory: pathlib.Path) -> list[tuple[int, pathlib.Path]]:
+    """The complete checkpoints in `directory`, oldest first. (Orbax writes a step into a
+    temporary folder and renames it when complete; those temporary folders are not
+    listed.)"""
+    steps = (re.fullmatch(r"step_(\d+)", p.name) for p in directory.glob("step_*"))
+    return sorted((int(m[1]), directory / m[0]) for m in steps if m)
+
+
+def remove(paths, why: str) -> None:
+    """Process 0 removes `paths` (every process sees the same folder); the others wait
+    until it has."""
+    paths = list(paths)
+    if paths and jax.process_index() == 0:
+        print(f"{why}: removing {len(paths)} checkpoint(s)", flush=True)
+        for path in paths:
+            shutil.rmtree(path)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(why)
+
+
+def start_afresh(directory: pathlib.Path) -> None:
+    """A run without `--resume`: what an earlier run left is removed (all of `step_*`,
+    unfinished ones included), so that the new run's checkpoints can be written."""
+    remove(directory.glob("step_*"), f"a new run in {directory} (--resume continues)")
+
+
+def prune(directory: pathlib.Path, keep: int) -> None:
+    """Keeps the newest `keep` checkpoints."""
+    old = [path for _, path in checkpoints(directory)[:-keep]]
+    remove(old, f"keeping the newest {keep} in {directory}")
 
 
 def main(argv=None):
@@ -123,6 +156,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--checkpoint-dir", default="checkpoints")
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--crash-at", type=int, default=None)
     parser.add_argument("--crash-process", type=int, default=1)
@@ -132,9 +166,13 @@ def main(argv=None):
 
     model, opt_state = init(jax.random.key(0))
     start = 0
-    found = newest_checkpoint(directory) if args.resume else None
-    if found is not None:
-        start, path = found
+    if args.resume:
+        found = checkpoints(directory)
+    else:
+        start_afresh(directory)
+        found = []
+    if found:
+        start, path = found[-1]
         made = ep.describe((model, opt_state))
         model, opt_state = ep.load(path, (model, opt_state))
         same = ep.describe((model, opt_state)) == made
@@ -147,6 +185,7 @@ def main(argv=None):
         model, opt_state, loss = step(model, opt_state, *batch(i, n))
         if (i + 1) % args.checkpoint_every == 0:
             ep.save(directory / f"step_{i + 1}", (model, opt_state))
+            prune(directory, args.keep)
         if me == 0 and (i + 1) % 5 == 0:
             print(f"step {i + 1}: loss {float(local_value(loss)):.4f}", flush=True)
 

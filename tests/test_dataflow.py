@@ -8,7 +8,9 @@ import pytest
 from helpers import N
 from jax import lax
 
+from eqx_pmapstate import _dataflow
 from eqx_pmapstate._dataflow import varying_outputs
+from eqx_pmapstate._jax_compat import open_jaxpr, subjaxprs
 
 
 AX = "devices"
@@ -472,3 +474,93 @@ def test_invariant_outputs_are_equal_on_every_device(name, in_axes):
     for r, varies in zip(results, out):
         if not varies:
             np.testing.assert_array_equal(r, np.broadcast_to(r[:1], r.shape))
+
+
+# --------------------------------------------------------------------------- this JAX
+
+
+@jax.custom_jvp
+def _custom_jvp_sin(x):
+    return jnp.sin(x)
+
+
+_custom_jvp_sin.defjvp(lambda p, t: (_custom_jvp_sin(p[0]), jnp.cos(p[0]) * t[0]))
+
+
+@jax.custom_vjp
+def _custom_vjp_double(x):
+    return x * 2
+
+
+_custom_vjp_double.defvjp(lambda x: (x * 2, None), lambda _, g: (g * 2,))
+
+
+# What users write inside a step, on a replicated `w` and a mapped `x`: per construct,
+# the function and whether its result is proved the same on every device.
+CONSTRUCTS = {
+    "jit": (lambda w, x: jax.jit(lambda a: a * 2)(w), False),
+    "checkpoint": (lambda w, x: jax.checkpoint(lambda a: a + 1)(w), False),
+    "custom_jvp": (lambda w, x: _custom_jvp_sin(w), False),
+    "custom_vjp": (lambda w, x: _custom_vjp_double(w), False),
+    "scan": (lambda w, x: lax.scan(lambda c, _: (c + w, None), w, None, 3)[0], False),
+    "while": (lambda w, x: lax.fori_loop(0, 3, lambda i, c: c * w, w), False),
+    "cond": (lambda w, x: lax.cond(w[0] > 0, lambda a: a, lambda a: -a, w), False),
+    "psum": (lambda w, x: lax.psum(x, AX), False),
+    "pmean": (lambda w, x: lax.pmean(x, AX), False),
+    "pmax": (lambda w, x: lax.pmax(x, AX), False),
+    "all_gather": (lambda w, x: lax.all_gather(x, AX), False),
+    "pbroadcast": (lambda w, x: lax.pbroadcast(x, (AX,), 0), False),
+    # jax.pmap's semantics: the gradient of a replicated input is this device's own.
+    "grad of pmean": (
+        lambda w, x: jax.grad(lambda w: jnp.sum(lax.pmean(w * x, AX)))(w),
+        True,
+    ),
+    "pmean of grad": (
+        lambda w, x: lax.pmean(jax.grad(lambda w: jnp.sum(w * x))(w), AX),
+        False,
+    ),
+    "jit of psum": (lambda w, x: jax.jit(lambda a: lax.psum(a, AX))(x), False),
+    "grad": (lambda w, x: jax.grad(lambda w: jnp.sum(w * x))(w), True),
+    "psum_scatter": (
+        lambda w, x: lax.psum_scatter(jnp.ones((N, 1)) * x[None], AX),
+        True,
+    ),
+    "axis_index": (lambda w, x: w * _idx(), True),
+    "jit of a mapped value": (lambda w, x: jax.jit(lambda a: a * 2)(x), True),
+}
+try:  # `to="invarying"` (JAX 0.12): an all_gather proved invariant
+    jax.make_jaxpr(lambda x: lax.all_gather(x, AX, to="invarying"), axis_env=[(AX, N)])(
+        x3
+    )
+    CONSTRUCTS["all_gather invarying"] = (
+        lambda w, x: lax.all_gather(x, AX, to="invarying"),
+        False,
+    )
+except (TypeError, AssertionError):  # not in this JAX, or not without varying types
+    pass
+
+
+def _equations(jaxpr):
+    """Every equation of `jaxpr`, and of the jaxprs inside its equations."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in subjaxprs(eqn.params):
+            yield from _equations(open_jaxpr(sub)[0])
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRUCTS))
+def test_the_constructs_users_write_are_proved_on_this_jax(name):
+    # Run by both CI jobs, so that a JAX release that renames a primitive the pass
+    # relies on fails here (the pass would only become conservative, and refuse
+    # correct steps), not in a user's step.
+    f, varies = CONSTRUCTS[name]
+    assert flags(f, x3, x3, varying=[False, True]) == (varies,)
+
+
+def test_every_primitive_with_a_body_in_the_constructs_is_known_to_the_pass():
+    known = _dataflow._CALLS | set(_dataflow._HIGHER_ORDER)
+    for name, (f, _) in CONSTRUCTS.items():
+        closed = jax.make_jaxpr(f, axis_env=[(AX, N)])(x3, x3)
+        for eqn in _equations(closed.jaxpr):
+            if subjaxprs(eqn.params):
+                assert eqn.primitive.name in known, (name, eqn.primitive.name)

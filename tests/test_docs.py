@@ -16,7 +16,11 @@ compared with it line by line, trailing whitespace stripped (and trailing blank 
 ignored), where
 
 - a line that is exactly `...` matches any number of lines, none included;
-- a line ending in `...` matches any line that starts with the text before the `...`.
+- a line ending in `...` matches any line that starts with the text before the `...`;
+- where the text block says `rtol` (```` ```text {rtol="1e-5"} ````), the numbers in a
+  line are compared with that relative tolerance, the text around them exactly: for
+  losses printed to many digits, whose last digit differs between JAX versions (XLA's
+  floating-point rounding changes between releases). Without it, lines match exactly.
 
 A block that prints (a `print` call outside a function or class it defines, or any
 output at all) must be followed by its text block, so that every output is shown on the
@@ -33,6 +37,9 @@ Fence attributes, written after the language (```` ```python {.no-run} ````):
   that the marker and the page's note about the issue are removed; when it raises
   something else, it fails too. Its output is not checked.
 
+The code runs with warnings as errors, less the third-party warnings that
+`pyproject.toml`'s `filterwarnings` ignores (the list pytest applies to the tests).
+
 Tracebacks and mismatches point at the Markdown file and line.
 """
 
@@ -45,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import tomllib
 
 import pytest
 
@@ -87,10 +95,10 @@ KNOWN_ISSUES: dict[str, str] = {
 _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})\s*(?P<info>[^`]*?)\s*$")
 
 
-def _info(info: str) -> tuple[str, set[str]]:
-    """The language and the classes of a fence's info string: `python {.no-run}` or
-    `{.python .no-run}`."""
-    lang, classes = "", set()
+def _info(info: str) -> tuple[str, set[str], dict[str, str]]:
+    """The language, the classes and the key-value attributes of a fence's info string:
+    `python {.no-run}`, `{.python .no-run}` or `text {rtol="1e-5"}`."""
+    lang, classes, attrs_kv = "", set(), {}
     brace = info.find("{")
     head, attrs = (info, "") if brace < 0 else (info[:brace], info[brace:])
     head = head.strip()
@@ -102,7 +110,10 @@ def _info(info: str) -> tuple[str, set[str]]:
                 lang = token[1:]
             else:
                 classes.add(token[1:])
-    return lang, classes
+        elif "=" in token:
+            key, _, value = token.partition("=")
+            attrs_kv[key] = value.strip("\"'")
+    return lang, classes, attrs_kv
 
 
 def _fences(text: str) -> list[dict]:
@@ -117,7 +128,7 @@ def _fences(text: str) -> list[dict]:
             i += 1
             continue
         indent, ticks = m["indent"], m["ticks"]
-        lang, classes = _info(m["info"])
+        lang, classes, attrs = _info(m["info"])
         body = []
         j = i + 1
         while j < len(lines) and lines[j].strip() != ticks:
@@ -135,6 +146,7 @@ def _fences(text: str) -> list[dict]:
             {
                 "lang": lang,
                 "classes": classes,
+                "attrs": attrs,
                 "open": i + 1,
                 "close": j + 1,
                 "source": source,
@@ -178,12 +190,14 @@ def code_blocks(text: str) -> list[dict]:
         if fence["lang"] not in ("python", "py"):
             continue
         classes = fence["classes"]
-        expected, expected_line = None, None
+        expected, expected_line, rtol = None, None, None
         if k + 1 < len(fences):
             nxt = fences[k + 1]
             between = lines[fence["close"] : nxt["open"] - 1]
             if nxt["lang"] == "text" and all(not line.strip() for line in between):
                 expected, expected_line = nxt["source"], nxt["open"] + 1
+                if "rtol" in nxt["attrs"]:
+                    rtol = float(nxt["attrs"]["rtol"])
         mode = (
             "skip" if "no-run" in classes else "xfail" if "xfail" in classes else "run"
         )
@@ -194,6 +208,7 @@ def code_blocks(text: str) -> list[dict]:
                 "mode": mode,
                 "expected": expected,
                 "expected_line": expected_line,
+                "rtol": rtol,
                 "no_output": "no-output" in classes,
                 "prints": _prints(fence["source"]),
             }
@@ -208,9 +223,26 @@ def _norm(text: str) -> list[str]:
     return lines
 
 
-def output_matches(expected: str, actual: str) -> bool:
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _same_line(want: str, got: str, rtol: float | None) -> bool:
+    """Whether one printed line is the one expected: exactly, or, with `rtol`, the same
+    text around numbers that agree to that relative tolerance."""
+    if rtol is None or want == got:
+        return want == got
+    if _NUMBER.split(want) != _NUMBER.split(got):
+        return False
+    pairs = zip(_NUMBER.findall(want), _NUMBER.findall(got), strict=True)
+    return all(
+        abs(float(w) - float(g)) <= rtol * max(abs(float(w)), abs(float(g)))
+        for w, g in pairs
+    )
+
+
+def output_matches(expected: str, actual: str, rtol: float | None = None) -> bool:
     """Whether the printed `actual` matches the page's `expected` (see the module's
-    docstring for `...`)."""
+    docstring for `...` and `rtol`)."""
     want, got = _norm(expected), _norm(actual)
     memo: dict = {}
 
@@ -229,7 +261,7 @@ def output_matches(expected: str, actual: str) -> bool:
                 prefix = w[:-3]
                 ok = g.startswith(prefix) or g == prefix.rstrip()
             else:
-                ok = w == g
+                ok = _same_line(w, g, rtol)
             result = ok and match(i + 1, j + 1)
         memo[i, j] = result
         return result
@@ -241,6 +273,10 @@ _RUNNER = r"""
 import io, json, sys, time, types
 
 spec = json.load(sys.stdin)
+import builtins, warnings
+
+for action, message, category, module in spec["warnings"]:
+    warnings.filterwarnings(action, message, getattr(builtins, category), module)
 import jax
 
 jax.config.update("jax_numpy_dtype_promotion", spec["promotion"])
@@ -299,6 +335,19 @@ say(f"[docs] {spec['path']}: {sum(b['mode'] != 'skip' for b in spec['blocks'])} 
 """
 
 
+def warning_filters() -> list[tuple[str, str, str, str]]:
+    """`pyproject.toml`'s `filterwarnings` as `warnings.filterwarnings` arguments
+    (`action:message:category:module`, regexes, as pytest reads its ini), in the order
+    pytest applies them: a later entry wins."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    entries = config["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    filters = []
+    for entry in entries:
+        action, message, category, module = (entry.split(":", 4) + [""] * 4)[:4]
+        filters.append((action, message, category or "Warning", module))
+    return filters
+
+
 def _indent(text: str) -> str:
     return textwrap.indent(text.rstrip("\n") or "(nothing)", "    ", lambda _: True)
 
@@ -321,7 +370,7 @@ def output_problems(
                     "with its output (or mark it {.no-output} if the output changes "
                     f"from run to run). It printed:\n{_indent(got)}"
                 )
-        elif not output_matches(b["expected"], got):
+        elif not output_matches(b["expected"], got, b["rtol"]):
             problems.append(
                 f"The output of the block at {where} differs from the ```text block at "
                 f"{path}:{b['expected_line']}.\n--- the page says:\n"
@@ -389,6 +438,26 @@ def test_output_matching():
     assert not output_matches("step 1: loss ...", "step 2: loss 0.25")
     assert output_matches("x ...", "x")
     assert output_matches("...\nlast", "first\nlast")
+    # With a tolerance, the numbers of a line may differ in their last digits only.
+    assert not output_matches("loss 0.800415", "loss 0.800414")
+    assert output_matches("loss 0.800415", "loss 0.800414", rtol=1e-5)
+    assert not output_matches("loss 0.800415", "loss 0.800515", rtol=1e-5)
+    assert not output_matches("loss 0.800415", "lost 0.800414", rtol=1e-5)
+    assert not output_matches("step 1: 0.5", "step 2: 0.5", rtol=1e-5)
+    assert not output_matches("a 1 2", "a 1", rtol=1e-5)
+    assert output_matches("x = -1.5e-3, y", "x = -1.50001e-3, y", rtol=1e-4)
+
+
+def test_fence_attributes_give_the_tolerance():
+    text = '```python\nprint(0.5)\n```\n\n```text {rtol="1e-5"}\n0.5\n```\n'
+    (block,) = code_blocks(text)
+    assert block["rtol"] == 1e-5 and block["expected"] == "0.5"
+
+
+def test_warning_filters_are_pyprojects():
+    filters = warning_filters()
+    assert filters[0] == ("error", "", "Warning", "")
+    assert all(action == "ignore" and module for action, _, _, module in filters[1:])
 
 
 def test_output_problems_are_reported():
@@ -422,6 +491,7 @@ def test_page_runs(page):
             "path": rel,
             "promotion": PROMOTION.get(page, "strict"),
             "known_issues": list(KNOWN_ISSUES.values()),
+            "warnings": warning_filters(),
             "blocks": blocks,
             "results": str(results),
         }

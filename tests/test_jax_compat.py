@@ -214,6 +214,19 @@ def test_scan_flags_sound_without_later_iterations():
     assert varying_outputs(closed, [False, False], AX) == (False, False)
 
 
+# --------------------------------------------------------------------------- backends
+
+
+def test_backends_are_initialized_is_read_from_jax():
+    # The tests have run computations by now, so JAX's answer is True; a JAX without
+    # the function would make the library's answer False, and this test fail.
+    from jax._src import xla_bridge
+
+    jnp.zeros(1).block_until_ready()
+    assert xla_bridge.backends_are_initialized() is True
+    assert _jax_compat.backends_are_initialized() is True
+
+
 # --------------------------------------------------------------------------- caches
 
 

@@ -39,29 +39,52 @@ def _checksums(output: str) -> list[str]:
     return CHECKSUM.findall(output)
 
 
-@pytest.fixture(scope="module")
-def alone(tmp_path_factory):
-    """The uninterrupted run in one process of 8 devices."""
-    d = tmp_path_factory.mktemp("alone")
+AFRESH = "a new run in {} (--resume continues): removing 2 checkpoint(s)"
+
+
+def _alone(directory):
     proc = subprocess.run(
-        [sys.executable, EXAMPLE, "--checkpoint-dir", str(d)],
+        [sys.executable, EXAMPLE, "--checkpoint-dir", str(directory)],
         capture_output=True,
         text=True,
         timeout=240,
         env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (value,) = _checksums(proc.stdout)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """The uninterrupted run in one process of 8 devices, run twice in the same folder
+    as a user reruns an example: the second run starts afresh, to the same result."""
+    d = tmp_path_factory.mktemp("alone")
+    first, second = _alone(d), _alone(d)
+    assert AFRESH.format(d) not in first.stdout
+    assert AFRESH.format(d) in second.stdout
+    (value,) = _checksums(first.stdout)
+    assert _checksums(second.stdout) == [value]
+    assert sorted(p.name for p in d.iterdir()) == ["step_10", "step_20"]
     return value
 
 
-def test_two_processes_train_as_one_does(alone, tmp_path):
-    proc = _launch(EXAMPLE, "--checkpoint-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    values = _checksums(proc.stdout)
-    assert len(values) == 2  # one line per process ...
-    assert values == [alone, alone]  # ... the same, and as in one process of 8 devices
-    assert (tmp_path / "step_10").is_dir() and (tmp_path / "step_20").is_dir()
+def test_two_processes_train_as_one_does_and_again(alone, tmp_path):
+    for run in range(2):  # the second run, in the same folder, starts afresh
+        proc = _launch(EXAMPLE, "--checkpoint-dir", str(tmp_path))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        values = _checksums(proc.stdout)
+        assert len(values) == 2  # one line per process ...
+        assert values == [alone, alone]  # ... the same, and as one process of 8 devices
+        assert proc.stdout.count(AFRESH.format(tmp_path)) == run  # said by process 0
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_20"]
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    cmd = [sys.executable, EXAMPLE, "--checkpoint-dir", str(tmp_path), "--steps", "6"]
+    cmd += ["--checkpoint-every", "2", "--keep", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_6"]
 
 
 def test_a_killed_process_ends_the_run_and_a_restart_finishes_it(alone, tmp_path):

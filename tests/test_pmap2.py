@@ -283,7 +283,8 @@ def test_non_arrays_are_static_and_retrace_on_change(leaks):
     np.testing.assert_array_equal(np.asarray(f(x, 3, "a")), 3 * x)
     assert len(traces) > first and traces[-1] == (3, "a")
     second = len(traces)
-    np.testing.assert_array_equal(np.asarray(f(x, 3, "b")), 3 * x)
+    with pytest.warns(ep.RecompileWarning, match=r"the value of args\[2\], a static"):
+        np.testing.assert_array_equal(np.asarray(f(x, 3, "b")), 3 * x)  # third compile
     assert len(traces) > second and traces[-1] == (3, "b")
 
 
@@ -869,8 +870,12 @@ def test_a_repeated_call_does_not_trace_again(leaks):
     step(model, np.ones((N, 3), np.float32), 2.0)
     assert len(calls) > first
     n = len(calls)
-    step(model, x, 3.0)
+    with pytest.warns(ep.RecompileWarning) as caught:  # the third compile: told why
+        step(model, x, 3.0)
     assert len(calls) > n
+    message = str(caught[0].message)
+    assert "the value of args[2], a static argument (not an array), changed" in message
+    assert "shape" not in message  # a few shapes are meant: said from the tenth on
 
 
 # --------------------------------------------------------------------------- errors

@@ -92,7 +92,8 @@ def test_runtime_check_raises_replication_error_itself():
 
     with pytest.raises(
         ep.ReplicationError,
-        match=r"leaves at output \(the whole return value\) should be the same .*pmean",
+        match=r"output at output \(the whole return value\) must come back replicated "
+        r".*differs between devices \(compared after the call\).*pmean",
     ):
         ep.pmap2(drift, check_replicated="runtime")(w, x)
 

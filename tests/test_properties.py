@@ -603,6 +603,8 @@ def test_init_state_input_is_untouched(case):
     _check_layout(out, expected, N, sharded=True)
 
 
+# One step over random trees: compiling again for every structure is the point here.
+@pytest.mark.filterwarnings("ignore::eqx_pmapstate.RecompileWarning")
 @settings(max_examples=80, **SETTINGS)
 @given(case=cases())
 def test_pmap2_steps_keep_the_layout(case):

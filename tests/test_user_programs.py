@@ -624,6 +624,28 @@ def test_lower_and_compile_ahead_of_time(leaks):
         compiled(w, jnp.ones((N, 3)))
 
 
+def test_a_program_compiled_ahead_of_time_runs_as_the_function_does():
+    # One call path: the axis name and the donation checks travel with the program.
+    drift = ep.pmap2(
+        lambda w, x: w * x,
+        axis_name="batch",
+        in_axes=(None, 0),
+        out_axes=None,
+        check_replicated="runtime",
+    )
+    w, x = np.ones(2, np.float32), np.arange(16.0, dtype=np.float32).reshape(N, 2)
+    compiled = drift.lower(w, x).compile()
+    with pytest.raises(ep.ReplicationError, match=r"jax\.lax\.pmean\(grads, 'batch'\)"):
+        compiled(w, x)
+    step = ep.pmap2(lambda x: x + 1, donate="all")
+    x = _per_device(jnp.ones(2))
+    compiled = step.lower(x).compile()
+    y = compiled(x)
+    with pytest.raises(ValueError, match=r"The input args\[0\] was donated"):
+        compiled(x)
+    np.testing.assert_array_equal(compiled(y), 3.0)
+
+
 def test_a_donation_error_names_the_input_after_static_arguments():
     # The message's path counts only the arrays, not the static leaves before them.
     step = ep.pmap2(lambda scale, x: x * scale, donate="all")
