@@ -930,8 +930,9 @@ def pmap2(
     - `axis_name`: the mesh axis to map over.
     - `in_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), an array already laid out on
         the mesh keeps its layout (mapped over its device axis, or broadcast if
-        replicated), any other array is mapped over axis 0, and everything else is
-        static. Override with a pytree prefix of the positional arguments whose leaves
+        replicated), any other array is mapped over axis 0 (but an `eqx.Module`
+        argument none of whose arrays is on the mesh, a restored model, is refused:
+        give it `0` or `None`), and everything else is static. Override with a pytree prefix of the positional arguments whose leaves
         are `int`, `None`, `DEFAULT` (the rule above, for that part) or a callable of a
         leaf (as in `eqx.filter_pmap`): `in_axes=(ep.DEFAULT, None)` keeps the model's
         layout and replicates the second argument; or with a
