@@ -233,8 +233,9 @@ def _show(aval) -> str:
     return f"{dtype}{list(shape)}"
 
 
-def leaf_names(args, kwargs, where: Callable[[tuple], str]) -> list[tuple[str, bool]]:
-    """The name of each leaf of `(args, kwargs)`, as messages write it, and whether it
-    is inside an argument (not an argument itself)."""
-    flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+def leaf_names(inputs, where: Callable[[tuple], str]) -> list[tuple[str, bool]]:
+    """The name of each leaf of a call's inputs (`(args, kwargs)`, or `(args, kwargs,
+    fun)` for a callable pytree), as messages write it, and whether it is inside an
+    argument (not an argument itself)."""
+    flat = jtu.tree_flatten_with_path(inputs)[0]
     return [(where(p), len(p) > 2) for p, _ in flat]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.extend.core as jex_core
 from jax.core import Tracer as Tracer
 
@@ -45,6 +46,17 @@ def hoist_consts(closed):
 def evaluate(jaxpr, *args) -> list:
     """Evaluates a `Jaxpr` that has no constants on `args`."""
     return jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*args)
+
+
+def per_device_mesh(mesh, axis_name):
+    """The abstract mesh `jax.shard_map` traces its body in: `mesh`'s, with `axis_name`
+    made `Manual`. In its context (`jax.sharding.use_abstract_mesh`), JAX moves a
+    closed-over array laid out on a mesh of `Auto` axes into the body with a `reshard`
+    when an operation takes it (in `Primitive.bind`), so that the jaxpr names no mesh
+    the body cannot run on."""
+    return mesh.abstract_mesh.update_axis_types(
+        {axis_name: jax.sharding.AxisType.Manual}
+    )
 
 
 def backends_are_initialized() -> bool:

@@ -109,6 +109,11 @@ def _chosen_devices(devices, axis_size) -> tuple:
             "`devices` must be a sequence of `jax.Device`s or a `jax.sharding.Mesh`."
         )
     pool = list(devices)
+    if not pool:
+        raise ValueError(
+            "`devices` is empty. Pass the devices to map over (for example "
+            "`jax.devices()[:4]`), or leave it out to use every local device."
+        )
     if len({d.id for d in pool}) != len(pool):
         raise ValueError("`devices` names the same device more than once.")
     n = len(pool) if axis_size is None else int(axis_size)

@@ -323,7 +323,8 @@ def _wanted_axes(spec, held: Mapping):
 
 def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
     avals = per_device_avals(inputs.dyn, inputs.in_axes)
-    traced = trace(fn, avals, axis_name, n, _wanted_axes(spec, inputs.held))
+    want = _wanted_axes(spec, inputs.held)
+    traced = trace(fn, avals, axis_name, n, want, mesh=mesh)
     wanted, matched = traced.wanted
     mapped = [a is not None for a in inputs.in_axes]
     varying = varying_outputs(traced.jaxpr, mapped, axis_name)

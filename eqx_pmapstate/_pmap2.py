@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, overload
 
@@ -65,12 +66,47 @@ class StateAxes:
 
 
 def _where(path) -> str:
-    """A path from the root `(args, kwargs)` written as `args[0].weight` or `kwargs['x']`."""
+    """A path from the root `(args, kwargs)` (or `(args, kwargs, fun)`, for a callable
+    pytree) written as `args[0].weight`, `kwargs['x']` or `self.weight` (the instance of
+    a bound method)."""
     if not path:
         return "the arguments"
     head, rest = path[0], path[1:]
-    root = "args" if getattr(head, "idx", None) == 0 else "kwargs"
-    return root + jtu.keystr(rest)
+    where = getattr(head, "idx", None)
+    if where == 2:
+        if rest and getattr(rest[0], "name", None) == "__self__":
+            return "self" + jtu.keystr(rest[1:])
+        return "fun" + jtu.keystr(rest)
+    return ("args" if where == 0 else "kwargs") + jtu.keystr(rest)
+
+
+# --------------------------------------------------------------------------- callable pytrees
+
+
+def _is_callable_tree(fun) -> bool:
+    """Whether `fun` is a pytree holding arrays (an `eqx.Module` with `__call__`, a bound
+    method of one): its arrays are then inputs, like the arguments'."""
+    return isinstance(fun, eqx.Module) and any(
+        is_arraylike(x) for x in jtu.tree_leaves(fun)
+    )
+
+
+def _code_of(fun):
+    """The plain function a callable pytree runs: what its cache key follows."""
+    func = getattr(fun, "__func__", None)
+    if func is not None and hasattr(fun, "__self__"):
+        return func
+    return type(fun).__call__
+
+
+def _fun_axis(x, axis_name):
+    """The axis of an array of a callable pytree: its layout on the mesh, else None (a
+    constant seen whole on every device, as a closed-over array is). A tracer's layout
+    cannot be read: `DEFAULT`, which refuses it."""
+    if isinstance(x, Tracer):
+        return DEFAULT
+    axis = read_axis(x, axis_name) if isinstance(x, jax.Array) else _UNKNOWN
+    return None if axis is _UNKNOWN else axis
 
 
 _CONCRETE: set = set()  # the types of concrete `jax.Array`s seen (`ArrayImpl`)
@@ -111,35 +147,108 @@ def _check_axes_spec(spec, what: str) -> None:
     if spec is DEFAULT or isinstance(spec, StateAxes):
         return
     for leaf in jtu.tree_leaves(spec, is_leaf=lambda x: x is None):
-        ok = leaf is None or leaf is DEFAULT or callable(leaf)
+        ok = leaf is None or leaf is DEFAULT or isinstance(leaf, StateAxes)
+        ok = ok or callable(leaf)
         ok = ok or (isinstance(leaf, (int, np.integer)) and not isinstance(leaf, bool))
         if not ok:
             raise TypeError(
-                f"`{what}` must be a pytree prefix of the arguments whose leaves are ints "
-                "(an axis), None (replicated), `eqx_pmapstate.DEFAULT` (the default rule) "
-                "or callables of a leaf, or a `eqx_pmapstate.StateAxes`, but it holds "
-                f"{leaf!r} of type {type(leaf).__name__}."
+                f"`{what}` must be a `eqx_pmapstate.StateAxes`, or a pytree prefix of the "
+                "arguments whose leaves are ints (an axis), None (replicated), "
+                "`eqx_pmapstate.DEFAULT` (the default rule), `StateAxes` (for the part "
+                f"they cover) or callables of a leaf, but it holds {leaf!r} of type "
+                f"{type(leaf).__name__}."
             )
 
 
 def _prefix_axes(prefix, tree, what: str) -> list:
+    """Per leaf of `tree`, its entry of the prefix; a `StateAxes` among the prefix's
+    leaves gives the axes of the subtree it covers by its filters."""
     try:
-        return broadcast_prefix(prefix, tree)
+        given = broadcast_prefix(prefix, tree)
+        if not any(isinstance(g, StateAxes) for g in given):
+            return given
+        is_leaf = lambda x: x is None or isinstance(x, StateAxes)  # noqa: E731
+        structure = jtu.tree_structure(prefix, is_leaf=is_leaf)
+        out = []
+        for axes, sub in zip(
+            jtu.tree_leaves(prefix, is_leaf=is_leaf), structure.flatten_up_to(tree)
+        ):
+            if isinstance(axes, StateAxes):
+                by_path = axes.axes_of(sub)
+                flat = jtu.tree_flatten_with_path(sub)[0]
+                out.extend(by_path.get(p, DEFAULT) for p, _ in flat)
+            else:
+                out.extend([axes] * len(jtu.tree_leaves(sub)))
+        return out
     except ValueError as e:
+        # JAX's message goes on with the whole tree's repr: keep its first clause.
+        reason = str(e).split(";")[0][:160]
         raise ValueError(
-            f"`{what}` is not a pytree prefix of the tree it applies to: {e}"
+            f"`{what}` is not a pytree prefix of the tree it applies to: {reason}."
         ) from None
 
 
-def _given_axes(in_axes, args, kwargs, flat) -> list:
-    """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`."""
+def _positional_names(fun) -> list | None:
+    """The names of `fun`'s parameters that a call can pass by position, in order (None
+    if its signature cannot be read)."""
+    try:
+        params = inspect.signature(fun).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
+    """`in_axes` as the call binds it: the prefix for the positional arguments, and the
+    axis of each keyword argument that the parameter at its position gives (as
+    `inspect.signature(fun).bind` binds the call); other keyword arguments: `DEFAULT`."""
+    if not isinstance(in_axes, tuple):
+        return in_axes, dict.fromkeys(kwargs, in_axes)
+    if len(in_axes) < len(args):
+        raise ValueError(
+            f"`in_axes` has {len(in_axes)} entries, but the call passes {len(args)} "
+            "positional arguments. Give one entry per positional argument "
+            "(`eqx_pmapstate.DEFAULT` for the default rule)."
+        )
+    if len(in_axes) == len(args):
+        return in_axes, {}
+    names = _positional_names(fun) or []
+    by_name = {}
+    for i in range(len(args), len(in_axes)):
+        name = names[i] if i < len(names) else None
+        if name in kwargs:
+            by_name[name] = in_axes[i]
+        elif name is None:
+            unbound = [k for k in kwargs if k not in names] or ["none"]
+            raise ValueError(
+                f"`in_axes` has {len(in_axes)} entries, but the call passes {len(args)} "
+                f"positional argument(s), and its keyword argument(s) "
+                f"{', '.join(map(str, unbound))} take no position. Such an argument "
+                "follows the default rule: lay it out on the mesh to choose its layout, "
+                "or give every axis with `eqx_pmapstate.StateAxes`."
+            )
+        # else: a parameter left to its default value, which is no input
+    return in_axes[: len(args)], by_name
+
+
+def _given_axes(in_axes, args, kwargs, flat, fun=None, axis_name="devices") -> list:
+    """Per leaf of `(args, kwargs)`: the axis `in_axes` gives it, or `DEFAULT`; per leaf
+    of a callable pytree after them, `_fun_axis`."""
+    n = len(jtu.tree_leaves((args, kwargs)))
     if in_axes is DEFAULT:
-        return [DEFAULT] * len(flat)
-    if isinstance(in_axes, StateAxes):
+        given = [DEFAULT] * n
+    elif isinstance(in_axes, StateAxes):
         by_path = in_axes.axes_of((args, kwargs))
-        return [by_path.get(p, DEFAULT) for p, _ in flat]
-    given = _prefix_axes(in_axes, args, "in_axes")
-    return given + [DEFAULT] * (len(flat) - len(given))
+        given = [by_path.get(p, DEFAULT) for p, _ in flat[:n]]
+    else:
+        positional, by_name = _bound_axes(in_axes, args, kwargs, fun)
+        given = _prefix_axes(positional, args, "in_axes")
+        for name in sorted(kwargs):  # in the order `(args, kwargs)` flattens
+            axis = by_name.get(name, DEFAULT)
+            given += _prefix_axes(axis, kwargs[name], f"in_axes for {name!r}")
+    fun_axis = functools.partial(_fun_axis, axis_name=axis_name)
+    return given + [fun_axis] * (len(flat) - n)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -154,6 +263,7 @@ class _Inputs(NamedTuple):
     layout_of_leaf: tuple  # per flat leaf: its axis, or DEFAULT for a static leaf
     donated: tuple  # indices into the array leaves
     passable: frozenset  # array leaves an unchanged output may be handed back as
+    explicit: frozenset = frozenset()  # flat leaves whose axis `in_axes` gives
 
 
 def _on_mesh(x, axis_name) -> bool:
@@ -195,8 +305,8 @@ def _argument_of(path) -> tuple:
 
 def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
     """An argument left to the default layout must be laid out on the mesh entirely or
-    not at all; an `eqx.Module` not on the mesh beside inputs that are is refused."""
-    any_on = any(_on_mesh(x, axis_name) for _, x in flat)
+    not at all; an `eqx.Module` not on the mesh is refused (whatever the other inputs
+    are: whether a restored model is split must not depend on them)."""
     on, off = {}, {}
     for (path, x), g in zip(flat, given):
         if g is not DEFAULT or not is_arraylike(x) or isinstance(x, Tracer):
@@ -212,14 +322,15 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
                 "be read. Lay it all out with `eqx_pmapstate.relayout(tree, like)` or "
                 "`jax.device_put`, or give its axes with `in_axes`."
             )
-        if isinstance(value, eqx.Module) and any_on:
+        if isinstance(value, eqx.Module):
             raise ValueError(
                 f"The argument {name} is an `eqx.Module` none of whose arrays is laid out "
-                f"on the mesh (for example {_where(path)}), while other inputs are. A "
-                "restored or freshly built model would be split over the devices along "
-                "its first axis, which is almost never meant. Lay it out like the model "
-                "it replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map "
-                "it with `in_axes` (None for replicated)."
+                f"on the mesh (for example {_where(path)}). By default it would be split "
+                "over the devices along its first axis, which is almost never meant for "
+                "a model (a restored or freshly built one). Lay it out like the model it "
+                "replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map it "
+                "with `in_axes`: None to replicate it, 0 to split a stacked model over "
+                "the devices."
             )
 
 
@@ -227,6 +338,14 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     if callable(g) and g is not DEFAULT:
         g = g(x)
     if g is DEFAULT:
+        if isinstance(x, Tracer) and getattr(path[0], "idx", None) == 2:
+            raise ValueError(
+                f"The function's array {_where(path)} is traced (`pmap2` is called "
+                "inside `jax.jit`, `jax.grad`, `jax.vmap` or another transformation), "
+                "so its layout cannot be read. Pass the model as an argument instead, "
+                "with its axes in `in_axes`: `pmap2(lambda m, x: m(x), in_axes=(None, "
+                "0))(model, x)` for a replicated model."
+            )
         if isinstance(x, Tracer):
             raise ValueError(
                 f"The input {_where(path)} is traced (`pmap2` is called inside `jax.jit`, "
@@ -248,20 +367,21 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     )
 
 
-def _donated(donate, args, dyn_index) -> tuple:
+def _donated(donate, args, kwargs, dyn_index) -> tuple:
+    """The array inputs to donate: among the arguments only (a callable pytree's own
+    arrays, like closed-over ones, are never donated)."""
     if donate == "none":
         return ()
-    if donate == "all":
-        return tuple(range(len(dyn_index)))
-    first_end = len(jtu.tree_leaves(args[:1]))
-    return tuple(d for d, i in enumerate(dyn_index) if i >= first_end)
+    first_end = 0 if donate == "all" else len(jtu.tree_leaves(args[:1]))
+    end = len(jtu.tree_leaves((args, kwargs)))
+    return tuple(d for d, i in enumerate(dyn_index) if first_end <= i < end)
 
 
 def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
-    flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+    flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
     mesh = _find_mesh(leaves, self.axis_name, self.devices)
     n = mesh.shape[self.axis_name]
-    given = _given_axes(self.in_axes, args, kwargs, flat)
+    given = _given_axes(self.in_axes, args, kwargs, flat, self.fun, self.axis_name)
     _check_argument_layouts(args, kwargs, flat, given, self.axis_name)
     dyn_index, in_axes, layout = [], [], []
     for i, ((path, x), g) in enumerate(zip(flat, given)):
@@ -272,39 +392,81 @@ def _read_inputs(self, args, kwargs, leaves) -> _Inputs:
         layout.append(axis)
         in_axes.append(axis)
         dyn_index.append(i)
-    donated = _donated(self.donate, args, dyn_index)
+    donated = _donated(self.donate, args, kwargs, dyn_index)
     target = [NamedSharding(mesh, axis_spec(self.axis_name, a)) for a in in_axes]
     passable = frozenset(
         j
         for j, (i, s) in enumerate(zip(dyn_index, target))
         if j not in donated and _engine._placed(leaves[i], s)
     )
+    explicit = frozenset(i for i, g in enumerate(given) if g is not DEFAULT)
     return _Inputs(
-        mesh, tuple(dyn_index), tuple(in_axes), tuple(layout), donated, passable
+        mesh,
+        tuple(dyn_index),
+        tuple(in_axes),
+        tuple(layout),
+        donated,
+        passable,
+        explicit,
     )
 
 
 # --------------------------------------------------------------------------- outputs
 
 
-def _rule1_candidates(args, inputs: _Inputs, axis_name) -> list:
+def _rule1_candidates(args, inputs: _Inputs, axis_name, fun=None) -> list:
     """The positional arguments whose layout an output of the same structure takes: all
-    but bare arrays not laid out on the mesh; a bare array only passes its layout to an
-    array of its per-device shape and dtype."""
+    but bare arrays, which count only when left to the default rule and laid out on the
+    mesh; a bare array only passes its layout to an array of its per-device shape and
+    dtype. Then a callable pytree `fun`, and the
+    instance of a bound method (tried at position 0, as `self` is in the class body).
+    Each candidate: `(structure, position, bare, layouts, per-device shapes)`."""
+    out = []
+    if fun is not None:
+        n = len(jtu.tree_leaves(fun))
+        layouts = inputs.layout_of_leaf[len(inputs.layout_of_leaf) - n :]
+        shapes = _local_shapes(fun, layouts)
+        instance = getattr(fun, "__self__", None)
+        if instance is not None and len(jtu.tree_leaves(instance)) == n:
+            out.append((jtu.tree_structure(instance), 0, None, layouts, shapes))
+        out.append((jtu.tree_structure(fun), 0, None, layouts, shapes))
+    return out + _arg_candidates(args, inputs, axis_name)
+
+
+def _local_shapes(tree, layouts) -> tuple:
+    """The per-device shape of each array leaf of `tree` (None for other leaves)."""
+    out = []
+    for leaf, axis in zip(jtu.tree_leaves(tree), layouts):
+        if not is_arraylike(leaf) or axis is DEFAULT:
+            out.append(None)
+            continue
+        shape = list(np.shape(leaf))
+        if axis is not None:
+            del shape[axis]
+        out.append(tuple(shape))
+    return tuple(out)
+
+
+def _arg_candidates(args, inputs: _Inputs, axis_name) -> list:
     starts = np.cumsum([0] + [len(jtu.tree_leaves(a)) for a in args]).tolist()
     out = []
     for a_idx, arg in enumerate(args):
         bare = None
         if is_arraylike(arg):
-            if not _on_mesh(arg, axis_name):
+            # Only a layout read off the mesh passes on: one given by `in_axes` does
+            # not, whether or not the array is on the mesh, as inside `jax.jit`
+            # (where that is unknown), so that `jax.jit` does not change the output.
+            explicit = starts[a_idx] in inputs.explicit
+            if explicit or not _on_mesh(arg, axis_name):
                 continue
-            local = list(np.shape(arg))
             axis = inputs.layout_of_leaf[starts[a_idx]]
+            local = list(np.shape(arg))
             if axis is not None:
                 del local[axis]
             bare = (tuple(local), jax.numpy.result_type(arg))
         layouts = inputs.layout_of_leaf[starts[a_idx] : starts[a_idx + 1]]
-        out.append((jtu.tree_structure(arg), a_idx, bare, layouts))
+        shapes = _local_shapes(arg, layouts)
+        out.append((jtu.tree_structure(arg), a_idx, bare, layouts, shapes))
     return out
 
 
@@ -312,17 +474,26 @@ def _inherited(candidates, sub, prefer=None) -> list | None:
     # The argument at the same position is tried first, then the others in order, so
     # that `return model, state` after `step(model, state, ...)` pairs them up even when
     # the two have the same structure.
+    # An output of the argument's structure but other per-device shapes (a norm per
+    # leaf) does not take its layout: the next rule decides.
     structure = jtu.tree_structure(sub)
-    for struct, a_idx, bare, layouts in sorted(
+    for struct, a_idx, bare, layouts, shapes in sorted(
         candidates, key=lambda c: c[1] != prefer
     ):
         if bare is not None and (
             not is_arraylike(sub) or (np.shape(sub), jax.numpy.result_type(sub)) != bare
         ):
             continue
-        if struct == structure:
+        if struct == structure and _same_shapes(sub, shapes):
             return list(layouts)
     return None
+
+
+def _same_shapes(sub, shapes) -> bool:
+    for leaf, shape in zip(jtu.tree_leaves(sub), shapes):
+        if shape is not None and is_output_array(leaf) and np.shape(leaf) != shape:
+            return False
+    return True
 
 
 def _wanted_by_default(candidates, out) -> list:
@@ -388,6 +559,8 @@ class _Fast(NamedTuple):
 
 def _check_donation(dyn, donated, paths) -> None:
     seen: dict = {}
+    donated_set = set(donated)
+    kept = {id(x): paths[j] for j, x in enumerate(dyn) if j not in donated_set}
     for d in donated:
         x = dyn[d]
         if isinstance(x, jax.Array) and not isinstance(x, Tracer):
@@ -403,16 +576,27 @@ def _check_donation(dyn, donated, paths) -> None:
                 f"{_where(paths[d])}, and would be donated twice (tied weights?). "
                 "Pass distinct arrays, or use `donate='none'`."
             )
+        if id(x) in kept:
+            raise ValueError(
+                f"The same array is passed at {_where(paths[d])}, which is donated, and "
+                f"at {_where(kept[id(x)])}, which is not: its buffer cannot be both "
+                "given up and kept (a target network or an EMA that starts as the "
+                "parameters?). Pass a copy for one of them (`jnp.copy`), or use "
+                "`donate='none'`."
+            )
         seen[id(x)] = paths[d]
 
 
 class Lowered:
     """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
 
-    def __init__(self, lowered, entry: _Entry, treedef, signature, check, axis_name):
+    def __init__(
+        self, lowered, entry: _Entry, treedef, signature, check, axis_name, tree
+    ):
         self.lowered = lowered  # the `jax.stages.Lowered` of the program
         self._entry, self._treedef, self._signature = entry, treedef, signature
         self._check, self._axis_name = check, axis_name
+        self._tree = tree  # `Pmap2._tree`: the tree of a call's inputs
 
     def as_text(self, *args, **kwargs) -> str:
         """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
@@ -432,8 +616,8 @@ class CompiledCall:
         return self.executable.as_text()
 
     def __call__(self, *args, **kwargs):
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
         low = self._lowered
+        leaves, treedef = jtu.tree_flatten(low._tree(args, kwargs))
         if treedef != low._treedef or _signature(leaves) != low._signature:
             raise TypeError(
                 "The arguments do not match those this program was lowered for (tree "
@@ -496,10 +680,15 @@ class Pmap2:
             )
         _check_axes_spec(in_axes, "in_axes")
         _check_axes_spec(out_axes, "out_axes")
+        if devices is not None:
+            resolve_mesh(None, devices, axis_name)  # refuses bad `devices` at once
         functools.update_wrapper(self, fun)
         # As a function has: `jaxtyping.jaxtyped` reads the wrapped function's globals.
         self.__globals__ = getattr(fun, "__globals__", {})
         self.fun = fun
+        # A callable pytree's arrays are inputs after the arguments, and its program is
+        # keyed on the code it runs, so that a new instance reuses it.
+        self._fun_tree = _is_callable_tree(fun)
         self.axis_name = axis_name
         self.in_axes = in_axes
         self.out_axes = out_axes
@@ -533,8 +722,13 @@ class Pmap2:
             return self
         return functools.partial(self, instance)
 
+    def _tree(self, args, kwargs) -> tuple:
+        """What a call's inputs are: `(args, kwargs)`, and the function if it is a
+        callable pytree."""
+        return (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
+
     def __call__(self, *args, **kwargs):
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
         sig = (treedef, _signature(leaves))
         fast = self._fast.get(sig)
         if fast is None or not fast.valid():
@@ -550,13 +744,15 @@ class Pmap2:
         An object with `.as_text()` and `.compile()`; the compiled program is called with
         the same arguments as this function.
         """
-        leaves, treedef = jtu.tree_flatten((args, kwargs))
+        leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
         sig = (treedef, _signature(leaves))
         entry = self._entry(args, kwargs, leaves, sig).entry
         compiled = entry.compiled
         dyn = compiled.place([leaves[i] for i in entry.dyn_index])
         lowered = compiled.run.lower(*compiled.const_values(), *dyn)
-        return Lowered(lowered, entry, treedef, sig[1], self._check, self.axis_name)
+        return Lowered(
+            lowered, entry, treedef, sig[1], self._check, self.axis_name, self._tree
+        )
 
     # -- once per signature
 
@@ -575,7 +771,8 @@ class Pmap2:
             self._check,
             walk.spec(self.devices),
         )
-        return ("pmap2", walk.value(self.fun), settings, treedef, leaf_keys)
+        fun = _code_of(self.fun) if self._fun_tree else self.fun
+        return ("pmap2", walk.value(fun), settings, treedef, leaf_keys)
 
     def _entry(self, args, kwargs, leaves, sig) -> _Fast:
         if active_axis() is not None:
@@ -595,9 +792,8 @@ class Pmap2:
 
         entry = _engine.cached(programs, key, walk.weak, compile_on_miss)
         if missed and self._compiles is not None:
-            self._compiles.compiled(
-                self.fun, key, lambda: leaf_names(args, kwargs, _where)
-            )
+            names = lambda: leaf_names(self._tree(args, kwargs), _where)  # noqa: E731
+            self._compiles.compiled(self.fun, key, names)
         # One guard per global name or cell (a name read by two functions of one
         # module is checked once).
         unique = {(id(g.container), g.name): g for g in walk.guards}
@@ -612,18 +808,20 @@ class Pmap2:
         dyn = [leaves[i] for i in inputs.dyn_index]
         static = [x for x in leaves if not is_arraylike(x)]
         is_dyn = [is_arraylike(x) for x in leaves]
-        treedef = jtu.tree_structure((args, kwargs))
+        treedef = jtu.tree_structure(self._tree(args, kwargs))
         fun = self.fun
 
         def fn(local):
             it_dyn, it_static = iter(local), iter(static)
             full = [next(it_dyn) if d else next(it_static) for d in is_dyn]
-            call_args, call_kwargs = treedef.unflatten(full)
-            return fun(*call_args, **call_kwargs)
+            call_args, call_kwargs, *traced_fun = treedef.unflatten(full)
+            return (traced_fun[0] if traced_fun else fun)(*call_args, **call_kwargs)
 
-        candidates = _rule1_candidates(args, inputs, self.axis_name)
+        tree_fun = self.fun if self._fun_tree else None
+        candidates = _rule1_candidates(args, inputs, self.axis_name, tree_fun)
         avals = per_device_avals(dyn, inputs.in_axes)
-        traced = trace(fn, avals, self.axis_name, n, _want(self.out_axes, candidates))
+        want = _want(self.out_axes, candidates)
+        traced = trace(fn, avals, self.axis_name, n, want, mesh=mesh)
         mapped = [a is not None for a in inputs.in_axes]
         varying = varying_outputs(traced.jaxpr, mapped, self.axis_name)
         out_leaves = [
@@ -651,8 +849,13 @@ class Pmap2:
             donate=inputs.donated,
             user_arrays=user,
         )
+        if any(isinstance(x, Tracer) for x in dyn):
+            # Inside a transformation: an outer `jax.jit` that names no layout, so that
+            # the transposed program (a VJP) takes a cotangent laid out otherwise than
+            # the output, as `jax.pmap`'s does; the inner one lays it out.
+            compiled.run = jax.jit(compiled.run)
         put = not all(_engine._placed(x, s) for x, s in zip(dyn, compiled.in_shardings))
-        flat = jtu.tree_flatten_with_path((args, kwargs))[0]
+        flat = jtu.tree_flatten_with_path(self._tree(args, kwargs))[0]
         paths = tuple(flat[i][0] for i in inputs.dyn_index)
         entry = _Entry(compiled, inputs.dyn_index, inputs.donated, put, paths)
         return entry, cacheable
@@ -713,22 +916,39 @@ def pmap2(
 
     **Arguments:**
 
-    - `fun`: the function. Usable as `@pmap2`, `@pmap2(...)`, and on methods.
+    - `fun`: the function. Usable as `@pmap2`, `@pmap2(...)`, and on methods. A function
+        that is a pytree holding arrays (a bound method of an `eqx.Module`, as in
+        `pmap2(model.forward)`, or a module with `__call__`) has its arrays read as
+        inputs: one laid out on the mesh keeps its layout (a per-device state gives
+        each device its slice), any other is replicated (a constant seen whole on every
+        device, as a closed-over array is and as `eqx.filter_pmap` takes it). An output
+        with the structure of the instance takes its layout, as one returning `self`
+        does with the method decorated in the class body. These arrays are never
+        donated, and a new instance of the same structure reuses the program. Inside
+        `jax.jit` or another transformation their layout cannot be read: pass the model
+        as an argument instead, with its axes in `in_axes`.
     - `axis_name`: the mesh axis to map over.
     - `in_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), an array already laid out on
         the mesh keeps its layout (mapped over its device axis, or broadcast if
-        replicated), any other array is mapped over axis 0, and everything else is
-        static. Override with a pytree prefix of the positional arguments whose leaves
+        replicated), any other array is mapped over axis 0 (but an `eqx.Module`
+        argument none of whose arrays is on the mesh, a restored model, is refused:
+        give it `0` or `None`), and everything else is static. Override with a pytree prefix of the positional arguments whose leaves
         are `int`, `None`, `DEFAULT` (the rule above, for that part) or a callable of a
         leaf (as in `eqx.filter_pmap`): `in_axes=(ep.DEFAULT, None)` keeps the model's
         layout and replicates the second argument; or with a
-        [`eqx_pmapstate.StateAxes`][] of filters.
+        [`eqx_pmapstate.StateAxes`][] of filters. A tuple binds to the parameters as
+        the call does: an argument passed by keyword takes the entry of its
+        parameter's position (`f(a, x, b=b)` reads as `f(a, x, b)`); a single axis
+        applies to keyword arguments too; a keyword-only argument follows the default
+        rule.
     - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
         structure equals that of an argument takes that argument's layout leaf by leaf
-        (tried on the whole output, then on each element of a returned tuple; an
-        argument counts unless it is a bare array not already laid out on the mesh, and
-        a bare array only to an array of its per-device shape and dtype), the argument
-        at the same position first; and (2) any
+        (tried on the whole output, then on each element of a returned tuple; a bare
+        array argument counts only when left to the default rule and laid out on the
+        mesh, and then only for an array of its per-device shape and dtype: an axis
+        given by `in_axes` does not pass on, so that the output is the same inside
+        `jax.jit`, where an input's layout cannot be read), the argument at the same
+        position first; and (2) any
         other leaf comes back replicated when it is proved the same on every device
         (computed from replicated inputs only, or the result of `psum`, `pmean`, `pmax`,
         `pmin` or `all_gather` over the axis), and with a device axis at 0 otherwise (a
@@ -736,9 +956,10 @@ def pmap2(
         per device).
         Override in the same two forms as `in_axes`.
     - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
-        A donated input is gone after the call: passing it again, or passing the same
-        array twice among donated inputs (tied weights), is a `ValueError` before
-        anything is donated.
+        A donated input is gone after the call: passing it again, passing the same
+        array twice among donated inputs (tied weights), or passing one array both as a
+        donated input and as one that is not (an EMA that starts as the parameters), is
+        a `ValueError` before anything is donated.
     - `check_replicated`: replication is proved, never assumed. Every output that
         comes back replicated (by the rules above or because `out_axes` says so) must be
         proved the same on every device when the function is traced: a value computed

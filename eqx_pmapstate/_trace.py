@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ._jax_compat import Literal
+from ._jax_compat import Literal, per_device_mesh, subjaxprs
 
 
 _active = threading.local()
@@ -80,11 +81,16 @@ def trace(
     axis_name,
     axis_size: int,
     want: Callable[[Any, list], Any] | None = None,
+    mesh=None,
 ) -> Traced:
     """Traces `fn` (which takes the list of per-device inputs) once, with the collectives
     of `axis_name` bound to an axis of `axis_size`. `want(out, flat)` is called inside the
     trace with the output and its flattened `(path, leaf)` pairs, where array leaves are
-    tracers (so that filters asking `eqx.is_array` see arrays)."""
+    tracers (so that filters asking `eqx.is_array` see arrays).
+
+    With a `mesh`, `fn` is traced as the body of a `shard_map` over it is, so that an
+    array it closes over that is laid out on a mesh works under `jax.vmap`, `jax.grad`
+    and the rest (see `_closed`)."""
     found: dict = {}
 
     def flat_fn(*xs):
@@ -101,7 +107,7 @@ def trace(
         return [jnp.asarray(leaf) for (_, leaf), a in zip(flat, is_array) if a]
 
     with _tracing(axis_name):
-        closed = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])(*avals)
+        closed = _closed(flat_fn, avals, axis_name, axis_size, mesh)
     invars = {v: j for j, v in enumerate(closed.jaxpr.invars)}
     input_of = tuple(
         None if isinstance(v, Literal) else invars.get(v) for v in closed.jaxpr.outvars
@@ -114,4 +120,75 @@ def trace(
         found["arrays"],
         input_of,
         found["wanted"],
+    )
+
+
+def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
+    """The jaxpr of `flat_fn`.
+
+    A closed-over `jax.Array` laid out on a mesh carries that mesh in its type, and the
+    operations it feeds (a broadcast under `jax.vmap`, a `reshard` under `jax.grad`) may
+    name it; such a jaxpr fails inside the `shard_map` body that runs it. Only then is
+    `flat_fn` traced again, in the body's context, where JAX moves such an array into the
+    body first, as `jax.pmap` does. (Not always in that context: there, `eqx.nn.State`
+    finds a new value's type differs from the old one's, as under `jax.pmap`.) Some uses
+    JAX cannot trace there (`jnp.where` on such an array; indexing it, with JAX 0.10),
+    nor can its own `jax.pmap`: a clear error.
+    """
+    make = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])
+    closed = make(*avals)
+    if mesh is None or not _runs_elsewhere(closed):
+        return closed
+    manual = per_device_mesh(mesh, axis_name)
+    typed = [  # as the body of a `shard_map` sees its inputs
+        jax.ShapeDtypeStruct(
+            a.shape, a.dtype, weak_type=a.weak_type, sharding=NamedSharding(manual, P())
+        )
+        for a in avals
+    ]
+    try:
+        with jax.sharding.use_abstract_mesh(manual):
+            return make(*typed)
+    except ValueError as e:
+        if "mesh" not in str(e).lower():
+            raise
+        raise ValueError(_closed_message(closed)) from None
+
+
+def _on_a_mesh(s) -> bool:
+    return isinstance(s, NamedSharding) and not s.mesh.empty
+
+
+def _names_a_mesh(jaxpr) -> bool:
+    """Whether an operation of `jaxpr` (or of one inside it) carries a mesh."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        for value in eqn.params.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if any(_on_a_mesh(v) for v in values):
+                return True
+        if any(_names_a_mesh(sub) for sub in subjaxprs(eqn.params)):
+            return True
+    return False
+
+
+def _runs_elsewhere(closed) -> bool:
+    """Whether a closed-over array on a mesh makes an operation name that mesh."""
+    return bool(_consts_on_a_mesh(closed)) and _names_a_mesh(closed)
+
+
+def _consts_on_a_mesh(closed) -> list:
+    return [
+        c for c in closed.consts if _on_a_mesh(getattr(jax.typeof(c), "sharding", None))
+    ]
+
+
+def _closed_message(closed) -> str:
+    on_mesh = _consts_on_a_mesh(closed)
+    shown = ", ".join(f"{c.dtype}{list(c.shape)}" for c in on_mesh[:3])
+    return (
+        f"The function closes over array(s) laid out on a mesh ({shown}) and, under a "
+        "transformation such as `jax.vmap` or `jax.grad`, uses them in a way that JAX "
+        f"{jax.__version__} cannot run on one device of a mesh (`jnp.where` on one, or "
+        "indexing one with JAX 0.10; `jax.pmap` fails on it too). Pass such an array as "
+        "an argument with an `in_axes` of None: it is then seen whole on every device."
     )

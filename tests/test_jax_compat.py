@@ -365,3 +365,24 @@ def test_hoisted_jaxpr_holds_no_constant_and_evaluates():
     a = closed = consts = None  # drop every reference of ours
     gc.collect()
     assert alive() is None
+
+
+def test_per_device_mesh_context_moves_closed_over_arrays_into_the_body():
+    # `_trace` relies on this: traced in the context of a `shard_map` body, an array
+    # laid out on a mesh of Auto axes enters the jaxpr through a `reshard`, and the
+    # broadcast `jax.vmap` makes of it names the Manual mesh, on which the body runs.
+    mesh = jax.make_mesh((N,), (AX,), axis_types=(jax.sharding.AxisType.Auto,))
+    b = jax.device_put(x3, NamedSharding(mesh, P()))
+    with jax.sharding.use_abstract_mesh(_jax_compat.per_device_mesh(mesh, AX)):
+        closed = _trace(jax.vmap(lambda r: r + b), jnp.ones((4, 3)))
+    names = [e.primitive.name for e in closed.jaxpr.eqns]
+    assert names[0] == "reshard"
+    meshes = [
+        v.mesh
+        for e in closed.jaxpr.eqns
+        for v in e.params.values()
+        if isinstance(v, NamedSharding)
+    ]
+    assert meshes and all(
+        m.axis_types == (jax.sharding.AxisType.Manual,) for m in meshes
+    )

@@ -30,7 +30,8 @@ def test_an_attribute_named_like_a_rebound_global_does_not_recompile():
     # attribute, not a read of that global, so nothing is compiled again.
     global params
     step = ep.pmap2(read_params_attribute)
-    ts = step(step(TrainState(jnp.ones((8, 3)))))  # its layout read, then kept
+    split = ep.pmap2(read_params_attribute, in_axes=0)  # a Module off the mesh: say so
+    ts = step(split(TrainState(jnp.ones((8, 3)))))  # its layout read, then kept
     TRACES.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and nothing to warn of
