@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -431,34 +432,22 @@ def _over_devices(
     devices,
     init_in_axes,
 ):
-    if not run and _beyond_local_devices(axis_size, devices):
-        n = int(axis_size) * jax.process_count()
-        compiled, dyn = _new_states(
-            module,
-            init_kwargs,
-            state_tag,
-            state_out_axes,
-            init_in_axes,
-            n=n,
-            mesh=None,
-            axis_name=axis_name,
-            what=what,
-            run=None,
-        )
-        return _on_abstract_mesh(compiled, dyn, n, axis_name)
-    mesh, n = resolve_mesh(axis_size, devices, axis_name)
-    return _new_states(
+    make = functools.partial(
+        _new_states,
         module,
         init_kwargs,
         state_tag,
         state_out_axes,
         init_in_axes,
-        n=n,
-        mesh=mesh,
         axis_name=axis_name,
         what=what,
-        run=run,
     )
+    if not run and _beyond_local_devices(axis_size, devices):
+        n = int(axis_size) * jax.process_count()
+        compiled, dyn = make(n=n, mesh=None, run=None)
+        return _on_abstract_mesh(compiled, dyn, n, axis_name)
+    mesh, n = resolve_mesh(axis_size, devices, axis_name)
+    return make(n=n, mesh=mesh, run=run)
 
 
 def _beyond_local_devices(axis_size, devices) -> bool:
