@@ -81,19 +81,6 @@ def warn_unmatched(spec, matched: list, where: str = "state_out_axes") -> None:
         )
 
 
-def normalize_axis(axis: int | None, ndim: int, path) -> int | None:
-    """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says."""
-    if axis is None:
-        return None
-    pos = axis if axis >= 0 else axis + ndim + 1
-    if not 0 <= pos <= ndim:
-        raise ValueError(
-            f"Axis {axis} is out of range for the state at {keystr(path)}, which has "
-            f"{ndim} dimension(s): the new axis can go at positions {-(ndim + 1)} to {ndim}."
-        )
-    return pos
-
-
 def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
     """Where input axis `axis` (maybe negative) is in `leaf`, checked: an int, in range,
     of length `n`. `where` names the input in messages; `fix` says what to do instead."""

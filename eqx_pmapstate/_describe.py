@@ -8,23 +8,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._mesh import _UNKNOWN, read_axis
-from ._registry import lookup
+from ._mesh import UNKNOWN
+from ._registry import leaf_axis
 from ._state import State
 from ._tree import broadcast_prefix, iter_states, keystr
 
 
 # What has a layout to read: arrays, and the abstract ones of `abstract`/`eval_new_states`.
 _LAID_OUT = (jax.Array, jax.ShapeDtypeStruct)
-
-
-def leaf_axis(x):
-    """The axis an array was laid out along: an int, None for replicated, or `_UNKNOWN`
-    for an array that is not laid out over a mapped axis."""
-    known = lookup(x)
-    if known is not None:
-        return known[0]
-    return read_axis(x)
 
 
 def axes_of(tree):
@@ -50,7 +41,7 @@ def axes_of(tree):
         if not isinstance(x, _LAID_OUT):
             return None
         found = leaf_axis(x)
-        return None if found is _UNKNOWN else found
+        return None if found is UNKNOWN else found
 
     return jtu.tree_map(axis, tree)
 
@@ -59,10 +50,10 @@ def _axis_lookup(tree, axes):
     """A function from an array leaf's path to its axis: from `axes` (a pytree prefix of
     `tree`) when given, else from the array itself."""
     if axes is None:
-        return lambda path, x: leaf_axis(x) if isinstance(x, _LAID_OUT) else _UNKNOWN
+        return lambda path, x: leaf_axis(x) if isinstance(x, _LAID_OUT) else UNKNOWN
     flat = jtu.tree_flatten_with_path(tree)[0]
     given = dict(zip((p for p, _ in flat), broadcast_prefix(axes, tree)))
-    return lambda path, x: given.get(path, _UNKNOWN)
+    return lambda path, x: given.get(path, UNKNOWN)
 
 
 def _shown_paths(tree) -> dict:
@@ -120,7 +111,7 @@ def states_by_axis(tree, axes=None) -> dict:
     out: dict = {}
     for ref in iter_states(tree):
         found = [axis_of(p, x) for p, x in ref.leaves]
-        found = [a for a in found if a is not _UNKNOWN]
+        found = [a for a in found if a is not UNKNOWN]
         if found:
             out.setdefault(found[0], []).append((ref.path, ref.state))
     return out
@@ -171,7 +162,7 @@ def describe(tree, axes=None) -> str:
                 (
                     shown.get(path, keystr(path)),
                     marker,
-                    "-" if axis is _UNKNOWN else str(axis),
+                    "-" if axis is UNKNOWN else str(axis),
                     str(tuple(np.shape(leaf))),
                     str(local),
                     str(dtype),

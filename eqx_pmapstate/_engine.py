@@ -1,21 +1,26 @@
-"""The engine shared by `pmap2_new_states`, `vmap2_new_states`, `pmap2` and `Map`.
+"""The one pipeline, shared by `pmap2`, `Map`, `pmap2_new_states`, `eval_new_states`
+and `vmap2_new_states`: `compile_program`.
 
 A per-device function is handled in four named steps, once per call signature:
 
 1. `_trace.trace`: trace it once to a jaxpr, with `jax.pmap`'s semantics (a replicated
    input is an identical copy on each device), recording the output's structure;
 2. `_dataflow.varying_outputs`: prove which outputs are the same on every device;
-3. a layout decision (`_layout`): a pure function of those facts and of what the caller
-   asked for, giving each output its axis, or "hand back input j unchanged";
-4. `build` (here): the program (`_program`) compiled from that same jaxpr, and how to
-   put the outputs back into the output's structure.
+3. a layout decision: the caller's policy, a pure function (`_layout`) of those facts
+   and of what the caller asked for, giving each output its axis, or "hand back input
+   j unchanged";
+4. `build`: the program (`_program`) compiled from that same jaxpr, and how to put the
+   outputs back into the output's structure.
 
-The result, a `Compiled`, is kept in the library's cache (`_cache`) under a key that the
-caller makes (`_keys`).
+Callers read their inputs' layouts, choose the policy, and keep the result, a
+`Compiled`, in the library's cache (`_cache`, through `cached`) under a key they make
+(`_keys`); they never assemble these steps themselves.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from collections.abc import Callable, Sequence, Set
 from typing import Any, NamedTuple, TypeVar
@@ -26,23 +31,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import _program
+from ._dataflow import varying_outputs
 from ._jax_compat import hoist_consts, Tracer
+from ._layout import Layout, OutLeaf, Pass
 from ._mesh import axis_spec
-from ._trace import Traced
-
-
-class Pass(NamedTuple):
-    """A decision: hand back input number `input` unchanged."""
-
-    input: int
-
-
-class Layout(NamedTuple):
-    """The decisions for one traced function: per jaxpr output an axis (`int`), None
-    (replicated) or `Pass`; and which replicated outputs to check at run time."""
-
-    axes: Sequence
-    checked: frozenset = frozenset()
+from ._trace import per_device_avals, trace, Traced
 
 
 class Compiled:
@@ -59,7 +52,7 @@ class Compiled:
     """
 
     def __init__(
-        self, treedef, plan, run, consts, in_shardings, checked_paths, structs
+        self, treedef, plan, run, consts, in_shardings, checked_paths, structs, n_inputs
     ):
         self.structs = structs  # per plan entry: the global `ShapeDtypeStruct`, or None
         self.run = run  # the jitted program, over `(*consts, *dynamic inputs)`
@@ -76,6 +69,7 @@ class Compiled:
             kind: [(i, v) for i, (k, v, _) in enumerate(plan) if k == kind]
             for kind in ("array", "pass", "empty")
         }
+        self._pick, self._statics = _picker(plan, n_inputs)
 
     def const_values(self) -> list:
         return [c() for c in self.consts]
@@ -85,11 +79,12 @@ class Compiled:
         if self.in_shardings is None:
             return list(dyn)
         return [
-            x if _placed(x, s) else _put(x, s) for x, s in zip(dyn, self.in_shardings)
+            x if placed(x, s) else _put(x, s) for x, s in zip(dyn, self.in_shardings)
         ]
 
     def __call__(self, dyn: Sequence) -> tuple[Any, Any]:
-        outs = self.run(*self.const_values(), *self.place(dyn))
+        with _program.tracing_allowed():
+            outs = self.run(*self.const_values(), *self.place(dyn))
         flags = None
         if self.extra_out:
             *outs, flags = outs
@@ -98,6 +93,8 @@ class Compiled:
     def assemble(self, dyn, outs):
         if self._only_arrays:
             return self.treedef.unflatten(outs)
+        if self._pick is not None:  # no zero-size array to make
+            return self.treedef.unflatten(self._pick([*outs, *dyn, *self._statics]))
         leaves = self._template.copy()
         for i, k in self._at["array"]:
             leaves[i] = outs[k]
@@ -124,6 +121,34 @@ class Compiled:
         """The key paths of the checked outputs whose flag is set (waits for the flags)."""
         bad = np.asarray(flags)
         return [p for p, b in zip(self.checked_paths, bad) if b]
+
+
+def _picker(plan, n_inputs: int) -> tuple[Callable | None, tuple]:
+    """For `assemble`: a function taking `[*outputs, *inputs, *statics]` to the flat
+    output leaves in order, and the statics; None when some leaf is a zero-size array
+    made outside the program."""
+    if any(kind == "empty" for kind, _, _ in plan):
+        return None, ()
+    n_out = sum(kind == "array" for kind, _, _ in plan)
+    at = {"array": 0, "pass": n_out}
+    statics, order = [], []
+    for kind, value, _ in plan:
+        if kind == "static":
+            order.append(n_out + n_inputs + len(statics))
+            statics.append(value)
+        else:
+            order.append(at[kind] + value)
+    return getter(order), tuple(statics)
+
+
+def getter(indices: Sequence) -> Callable[[Sequence], tuple]:
+    """`operator.itemgetter` (of indices, or of names) that always returns a tuple."""
+    if len(indices) == 0:
+        return lambda seq: ()
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*indices)
 
 
 def _is_empty(aval) -> bool:
@@ -189,7 +214,7 @@ def _is_key(x) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _placed(x, sharding) -> bool:
+def placed(x, sharding) -> bool:
     if isinstance(x, Tracer):
         return True  # inside another transformation: the program lays it out itself
     return getattr(x, "sharding", None) == sharding
@@ -212,7 +237,7 @@ def hold_consts(
         if isinstance(c, Tracer):
             held.append(lambda c=c: c)
             cacheable = False
-        elif id(c) in user and isinstance(c, jax.Array) and _placed(c, sharding):
+        elif id(c) in user and isinstance(c, jax.Array) and placed(c, sharding):
             held.append(weakref.ref(c))
         else:
             copy = jax.device_put(
@@ -232,9 +257,10 @@ def build(
     axis_size: int,
     donate: Sequence[int] = (),
     user_arrays: Set[int] = frozenset(),
+    one_device: bool = False,
 ) -> tuple[Compiled, bool]:
     """Compiles the program for `traced` laid out by `layout`. Returns it and whether it
-    may be cached."""
+    may be cached. `one_device`: on a mesh of one device, `_program.one_device`."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
     plan, outputs, structs = _plan(traced, layout, mesh, axis_name, axis_size)
@@ -242,9 +268,8 @@ def build(
     checked = [k for k, _ in outputs if k in layout.checked]
     n_consts = len(closed.consts)
     if mesh is not None:
-        run = _program.sharded(
-            jaxpr, n_consts, in_axes, outputs, checked, mesh, axis_name, donate
-        )
+        make = _program.one_device if one_device else _program.sharded
+        run = make(jaxpr, n_consts, in_axes, outputs, checked, mesh, axis_name, donate)
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
@@ -255,8 +280,109 @@ def build(
         in_shardings = None
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)
     compiled = Compiled(
-        traced.treedef, plan, run, consts, in_shardings, checked_paths, structs
+        traced.treedef,
+        plan,
+        run,
+        consts,
+        in_shardings,
+        checked_paths,
+        structs,
+        len(in_axes),
     )
+    return compiled, cacheable
+
+
+class Program(NamedTuple):
+    """What `compile_program` made: the program, and the facts it was decided from."""
+
+    compiled: Compiled
+    traced: Traced
+    leaves: tuple  # per jaxpr output, its `OutLeaf`
+    layout: Layout
+    cacheable: bool  # False when a constant is a tracer of an enclosing transformation
+
+
+def out_leaves(traced: Traced, varying: Sequence[bool]) -> tuple:
+    """The facts about each array output that the layout decision reads."""
+    return tuple(
+        OutLeaf(traced.paths[i], aval.ndim, v, j)
+        for i, aval, v, j in zip(
+            traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
+        )
+    )
+
+
+def compile_program(
+    fn: Callable[[list], Any],
+    dyn: Sequence,
+    in_axes: Sequence[int | None],
+    want: Callable | None,
+    decide: Callable[[tuple, Any], Layout],
+    *,
+    mesh: Mesh | None,
+    axis_name,
+    axis_size: int,
+    donate: Sequence[int] = (),
+    user_arrays: Set[int] = frozenset(),
+) -> Program:
+    """The pipeline: traces the per-device `fn` on `dyn` mapped over `in_axes`, proves
+    which outputs are the same on every device, lets `decide(leaves, wanted)` (a layout
+    policy from `_layout`; `wanted` is what `want` returned in the trace) choose the
+    layout, and builds the program.
+
+    **Arguments:**
+
+    - `fn`: the per-device function, of the list of per-device inputs.
+    - `dyn`: the inputs (global arrays, or tracers of an enclosing transformation).
+    - `in_axes`: per input, its device axis, or None (replicated).
+    - `want`: called inside the trace with the output (see `_trace.trace`).
+    - `decide`: the layout policy.
+    - `mesh`, `axis_name`, `axis_size`: where it runs (`mesh=None`: an ensemble on one
+        device, vectorised).
+    - `donate`: the inputs whose buffers the program may reuse.
+    - `user_arrays`: ids of the arrays a cache key holds weakly (see `hold_consts`).
+
+    **Returns:**
+
+    A `Program`.
+    """
+    avals = per_device_avals(dyn, in_axes)
+    traced = trace(fn, avals, axis_name, axis_size, want, mesh=mesh)
+    mapped = [a is not None for a in in_axes]
+    leaves = out_leaves(traced, varying_outputs(traced.jaxpr, mapped, axis_name))
+    layout = decide(leaves, traced.wanted)
+    make = functools.partial(
+        build,
+        traced,
+        layout,
+        in_axes=in_axes,
+        mesh=mesh,
+        axis_name=axis_name,
+        axis_size=axis_size,
+        donate=donate,
+        user_arrays=user_arrays,
+    )
+    compiled, cacheable = _on_one_device(make, mesh, dyn) or make()
+    if any(isinstance(x, Tracer) for x in dyn):
+        # Inside a transformation: an outer `jax.jit` that names no layout, so that
+        # the transposed program (a VJP) takes a cotangent laid out otherwise than
+        # the output, as `jax.pmap`'s does; the inner one lays it out.
+        compiled.run = jax.jit(compiled.run)
+    return Program(compiled, traced, leaves, layout, cacheable)
+
+
+def _on_one_device(make, mesh: Mesh | None, dyn: Sequence):
+    """On a mesh of one device, and outside other transformations: the program of
+    `_program.one_device`, if it traces (a collective without a rule for `jax.vmap`
+    keeps `shard_map`'s program); else None. Its trace is the one its first call uses."""
+    if mesh is None or mesh.size != 1 or any(isinstance(x, Tracer) for x in dyn):
+        return None
+    compiled, cacheable = make(one_device=True)
+    try:
+        with _program.tracing_allowed():
+            compiled.run.trace(*compiled.const_values(), *compiled.place(dyn))
+    except Exception:  # noqa: BLE001 - the general program is the fallback
+        return None
     return compiled, cacheable
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any as _AnyType
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any as _AnyType, TYPE_CHECKING, TypeAlias
 
 import equinox as eqx
 import jax
@@ -12,7 +12,6 @@ import jax.tree_util as jtu
 
 from ._keys import KeyedWalk
 from ._state import State
-from ._typing import FilterLike
 
 
 def _key_value(entry) -> Hashable:
@@ -225,6 +224,28 @@ def _positional_arity(fn) -> int | None:
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values()):
         return len(required) if required else None
     return len(required) if required else (len(params) or None)
+
+
+if TYPE_CHECKING:
+    from types import EllipsisType
+
+    FilterLike: TypeAlias = (
+        Filter
+        | type
+        | str
+        | bool
+        | EllipsisType
+        | None
+        | Sequence["FilterLike"]
+        | Callable[..., bool]
+    )
+    # (Keys `int | None`; `Any`, as `Mapping` is invariant in them: `{0: ...}` is fine.)
+    OutAxes: TypeAlias = Mapping[_AnyType, FilterLike] | FilterLike
+else:  # at run time (beartype under jaxtyping's hook), anything: the library checks
+    FilterLike = _AnyType
+    OutAxes = _AnyType
+"""`FilterLike`: the filter language, what [`eqx_pmapstate.filters.to_predicate`][]
+accepts. `OutAxes`: `state_out_axes`, a dict from axis to filters, or one filter."""
 
 
 def to_predicate(filter: FilterLike) -> Filter:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
-from ._assign import normalize_axis
-from ._engine import Layout, Pass
 from ._errors import unproved_outputs
 from ._tree import keystr
 
@@ -25,6 +23,33 @@ class Default:
 
 
 DEFAULT = Default()  # nothing asked: the rule of the caller applies
+
+
+class Pass(NamedTuple):
+    """A decision: hand back input number `input` unchanged."""
+
+    input: int
+
+
+class Layout(NamedTuple):
+    """The decisions for one traced function: per jaxpr output an axis (`int`), None
+    (replicated) or `Pass`; and which replicated outputs to check at run time."""
+
+    axes: Sequence
+    checked: frozenset = frozenset()
+
+
+def normalize_axis(axis: int | None, ndim: int, path) -> int | None:
+    """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says."""
+    if axis is None:
+        return None
+    pos = axis if axis >= 0 else axis + ndim + 1
+    if not 0 <= pos <= ndim:
+        raise ValueError(
+            f"Axis {axis} is out of range for the state at {keystr(path)}, which has "
+            f"{ndim} dimension(s): the new axis can go at positions {-(ndim + 1)} to {ndim}."
+        )
+    return pos
 
 
 class OutLeaf(NamedTuple):

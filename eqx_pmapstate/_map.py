@@ -9,10 +9,10 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from ._describe import leaf_axis
-from ._mesh import _UNKNOWN, check_axis_size, read_axis
+from ._mesh import check_axis_size, read_axis, UNKNOWN
 from ._new_states import pmap2_new_states, vmap2_new_states
 from ._pmap2 import Pmap2
+from ._registry import leaf_axis
 from ._stores import register_store
 
 
@@ -24,7 +24,7 @@ def _apply(module, *args, **kwargs):
 def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
     def module_axis(x):
         axis = read_axis(x, axis_name)
-        return None if axis is _UNKNOWN else axis
+        return None if axis is UNKNOWN else axis
 
     # One for every `Map` with these settings, over modules of any shape: its recompiles
     # are not one function's, so they are not explained.
@@ -166,7 +166,7 @@ class Map(eqx.Module):
             )
             axes = jtu.tree_map(
                 lambda x: (
-                    (lambda a: None if a is _UNKNOWN else a)(leaf_axis(x))
+                    (lambda a: None if a is UNKNOWN else a)(leaf_axis(x))
                     if isinstance(x, jax.Array)
                     else None
                 ),

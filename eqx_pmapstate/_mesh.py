@@ -11,7 +11,8 @@ from ._stores import register_store
 
 
 _lock = threading.Lock()
-_meshes: dict = {}
+_meshes: dict = {}  # (device ids, axis name) -> Mesh, the newest `_MESHES_KEPT`
+_MESHES_KEPT = 64
 
 
 def _clear_meshes() -> None:
@@ -62,6 +63,8 @@ def resolve_mesh(axis_size, devices, axis_name: str) -> tuple[Mesh, int]:
                 axis_types=(jax.sharding.AxisType.Auto,),
             )
             _meshes[key] = mesh
+            if len(_meshes) > _MESHES_KEPT:  # the oldest goes
+                _meshes.pop(next(iter(_meshes)))
     return mesh, len(chosen)
 
 
@@ -129,29 +132,29 @@ def axis_spec(axis_name, axis: int | None, ndim: int | None = None) -> P:
     return P(*([None] * axis), axis_name)
 
 
-_UNKNOWN = object()
+UNKNOWN = object()
 
 
 def read_axis(x, axis_name: str | None = None, mesh: Mesh | None = None):
     """The position of the device axis in a global array, `None` if it is replicated over
-    the axis, or `_UNKNOWN` if the array is not laid out over such an axis (or over
+    the axis, or `UNKNOWN` if the array is not laid out over such an axis (or over
     `mesh`, when given)."""
     sharding = getattr(x, "sharding", None)
     if not isinstance(sharding, NamedSharding):
-        return _UNKNOWN
+        return UNKNOWN
     if mesh is not None and sharding.mesh != mesh:
-        return _UNKNOWN
+        return UNKNOWN
     names = sharding.mesh.axis_names
     if axis_name is None:
         if len(names) != 1:
-            return _UNKNOWN
+            return UNKNOWN
         axis_name = names[0]
     elif axis_name not in names:
-        return _UNKNOWN
+        return UNKNOWN
     for pos, entry in enumerate(sharding.spec):
         entries = entry if isinstance(entry, tuple) else (entry,)
         if axis_name in entries:
-            return pos if entry == axis_name else _UNKNOWN
+            return pos if entry == axis_name else UNKNOWN
     return None
 
 

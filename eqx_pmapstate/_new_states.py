@@ -15,22 +15,20 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from . import _engine
 from ._assign import assign_axis, mapped_axis, normalize_out_axes, warn_unmatched
 from ._cache import programs
-from ._dataflow import varying_outputs
-from ._describe import leaf_axis
 from ._errors import (
     differing_states,
     uncheckable_states,
     unproved_abstract_states,
 )
+from ._filters import OutAxes
 from ._jax_compat import Tracer
 from ._keys import KeyedWalk
-from ._layout import new_states_layout, OutLeaf
-from ._mesh import _UNKNOWN, axis_spec, check_axis_size, read_axis, resolve_mesh
-from ._registry import register
+from ._layout import new_states_layout
+from ._mesh import axis_spec, check_axis_size, read_axis, resolve_mesh, UNKNOWN
+from ._registry import leaf_axis, register
 from ._state import State
-from ._trace import active_axis, is_output_array, per_device_avals, trace
+from ._trace import active_axis, is_output_array, per_device_avals
 from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr
-from ._typing import OutAxes
 
 
 def _has_init_state(x) -> bool:
@@ -194,7 +192,7 @@ def _check_in_axis(name, path, leaf, axis, n) -> int | None:
     )
 
 
-class _Inputs(NamedTuple):
+class InitInputs(NamedTuple):
     """The dynamic inputs of an initialisation and how to rebuild its arguments."""
 
     dyn: list  # global arrays: the module's leaves, then the keyword arguments'
@@ -242,7 +240,7 @@ def _held_axis(leaf, mesh, axis_name) -> int | None:
     if mesh is None:
         return None
     axis = read_axis(leaf, axis_name, mesh)
-    if axis is _UNKNOWN or axis is None:
+    if axis is UNKNOWN or axis is None:
         axis = leaf_axis(leaf)  # remembered for an array whose sharding says less
     return axis if isinstance(axis, int) else None
 
@@ -287,13 +285,13 @@ def _collect_inputs(module, init_form, kwargs, in_axes_of, n, mesh, axis_name, w
         tuple(statics),
         tuple(x is _SLOT for x in kw_template),
     )
-    return _Inputs(dyn, in_axes, held, rebuild, key)
+    return InitInputs(dyn, in_axes, held, rebuild, key)
 
 
 # --------------------------------------------------------------------------- the engine's parts
 
 
-def _per_device_fn(inputs: _Inputs, init_form: bool, module, state_tag):
+def _per_device_fn(inputs: InitInputs, init_form: bool, module, state_tag):
     def fn(local):
         mod, kwargs = inputs.rebuild(local)
         out = _init_all(mod, kwargs) if init_form else module(**kwargs)
@@ -322,36 +320,30 @@ def _wanted_axes(spec, held: Mapping):
     return want
 
 
-def _compile(fn, inputs: _Inputs, spec, *, n, mesh, axis_name, user_arrays):
-    avals = per_device_avals(inputs.dyn, inputs.in_axes)
-    want = _wanted_axes(spec, inputs.held)
-    traced = trace(fn, avals, axis_name, n, want, mesh=mesh)
-    wanted, matched = traced.wanted
-    mapped = [a is not None for a in inputs.in_axes]
-    varying = varying_outputs(traced.jaxpr, mapped, axis_name)
-    leaves = [
-        OutLeaf(traced.paths[i], aval.ndim, v, j)
-        for i, aval, v, j in zip(
-            traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
-        )
-    ]
+def _compile(fn, inputs: InitInputs, spec, *, n, mesh, axis_name, user_arrays):
     several = mesh is not None and jax.process_count() > 1
-    layout = new_states_layout(leaves, wanted, inputs.held, several)
-    unproved = tuple(
-        keystr(leaf.path)
-        for leaf, axis in zip(leaves, layout.axes)
-        if axis is None and leaf.varying
-    )
-    compiled, cacheable = _engine.build(
-        traced,
-        layout,
-        in_axes=inputs.in_axes,
+
+    def decide(leaves, wanted_and_matched):
+        return new_states_layout(leaves, wanted_and_matched[0], inputs.held, several)
+
+    program = _engine.compile_program(
+        fn,
+        inputs.dyn,
+        inputs.in_axes,
+        _wanted_axes(spec, inputs.held),
+        decide,
         mesh=mesh,
         axis_name=axis_name,
         axis_size=n,
         user_arrays=user_arrays,
     )
-    return (compiled, tuple(matched), unproved), cacheable
+    unproved = tuple(
+        keystr(leaf.path)
+        for leaf, axis in zip(program.leaves, program.layout.axes)
+        if axis is None and leaf.varying
+    )
+    matched = tuple(program.traced.wanted[1])
+    return (program.compiled, matched, unproved), program.cacheable
 
 
 def _raise_if_differ(compiled, flags) -> None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._mesh import _UNKNOWN, read_axis
+from ._mesh import read_axis, UNKNOWN
 from ._tree import broadcast_prefix, keystr, paths_str
 
 
@@ -136,7 +136,7 @@ def to_one_device(
     allowed = ("first", "index", "mean", "whole", "callable")
     flat, treedef = jtu.tree_flatten_with_path(tree)
     choices = leaf_choices(per_device, tree, allowed, what)
-    axes = [read_axis(x) if isinstance(x, jax.Array) else _UNKNOWN for _, x in flat]
+    axes = [read_axis(x) if isinstance(x, jax.Array) else UNKNOWN for _, x in flat]
     unchosen = [
         p
         for (p, _), a, c in zip(flat, axes, choices)
@@ -173,7 +173,7 @@ def _one(path, x, axis, choice, device):
         return x
     if axis is None:
         return _local_copy(x, device)
-    if axis is _UNKNOWN or choice == "whole":
+    if axis is UNKNOWN or choice == "whole":
         return _whole(x, device)
     if choice == "mean":
         check_mean(path, x.dtype)

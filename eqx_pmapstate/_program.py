@@ -8,10 +8,19 @@ way the body evaluates the jaxpr traced before; the user's function is not trace
 
 The jaxpr's constants are inputs of the program (replicated), so that the program holds
 no array of its own; the caller passes them on each call.
+
+A program is traced by `jax.jit` only inside `tracing_allowed()`. The steady-state call
+(`_pmap2`'s quick path) calls it outside, trusting `jax.jit`'s C++ dispatch to check
+the arguments: same shapes, dtypes, weak types, layouts and commitment as when it was
+compiled. Anything else makes `jax.jit` trace again, which raises `Stale` before
+anything runs, and the caller takes the full path, which checks everything itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -21,6 +30,37 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ._checks import differ_across, differ_between_members
 from ._jax_compat import evaluate
 from ._mesh import axis_spec
+
+
+class Stale(Exception):
+    """A compiled program was called with arguments it was not compiled for, outside
+    `tracing_allowed()`: nothing ran; take the full path."""
+
+
+_allowed = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_allowed():
+    """Lets `jax.jit` trace the programs called inside (on this thread)."""
+    before = getattr(_allowed, "on", False)
+    _allowed.on = True
+    try:
+        yield
+    finally:
+        _allowed.on = before
+
+
+def _gated(fun):
+    """`fun`, raising `Stale` when traced outside `tracing_allowed()`."""
+
+    @functools.wraps(fun)
+    def gated(*xs):
+        if not getattr(_allowed, "on", False):
+            raise Stale
+        return fun(*xs)
+
+    return gated
 
 
 def _evaluate(jaxpr, consts, local) -> list:
@@ -72,8 +112,51 @@ def sharded(
     )
     out_shardings = [NamedSharding(mesh, s) for s in out_specs]
     return jax.jit(
-        mapped,
+        _gated(mapped),
         out_shardings=out_shardings,
+        donate_argnums=tuple(n_consts + i for i in donate),
+    )
+
+
+def one_device(
+    jaxpr,
+    n_consts: int,
+    in_axes: Sequence[int | None],
+    outputs: Sequence[tuple[int, int | None]],
+    checked: Sequence[int],
+    mesh: Mesh,
+    axis_name: str,
+    donate: Sequence[int] = (),
+):
+    """`sharded`'s program on a mesh of one device, with the same calling convention
+    and layouts, without `shard_map`: XLA keeps a collective of a `shard_map` body as
+    an all-reduce (all-gather, ...) with one participant, which costs more than the
+    rest of a small step. Here the body runs on the inputs with their device axis
+    removed, under `jax.vmap` over an axis of size one named `axis_name` to which no
+    input is mapped: a collective over it is the identity (a sum over one device), and
+    nothing else is batched. Nothing can differ between devices: a checked output's
+    flag is False."""
+    in_axes, outputs = tuple(in_axes), tuple(outputs)
+
+    def body(xs):
+        consts, local = xs[:n_consts], _squeeze(xs[n_consts:], in_axes)
+        outs = _evaluate(jaxpr, consts, local)
+        return [outs[k] for k, _ in outputs]
+
+    one = jax.vmap(body, in_axes=None, axis_size=1, axis_name=axis_name)
+
+    def program(*xs):
+        res = [_expand(o[0], a) for o, (_, a) in zip(one(list(xs)), outputs)]
+        if checked:
+            res.append(jnp.zeros(len(checked), dtype=bool))
+        return res
+
+    out_specs = [axis_spec(axis_name, a) for _, a in outputs] + (
+        [P()] if checked else []
+    )
+    return jax.jit(
+        _gated(program),
+        out_shardings=[NamedSharding(mesh, s) for s in out_specs],
         donate_argnums=tuple(n_consts + i for i in donate),
     )
 
@@ -116,4 +199,4 @@ def vmapped(
             outs[i] = outs[i][0]
         return outs + [flags]
 
-    return jax.jit(program, donate_argnums=tuple(n_consts + i for i in donate))
+    return jax.jit(_gated(program), donate_argnums=tuple(n_consts + i for i in donate))

@@ -11,6 +11,7 @@ import weakref
 import jax
 
 from ._jax_compat import Tracer
+from ._mesh import read_axis
 
 
 _lock = threading.Lock()
@@ -52,3 +53,12 @@ def lookup(x):
     if entry is None or entry[0]() is not x:
         return None
     return entry[1], entry[2]
+
+
+def leaf_axis(x):
+    """The axis an array was laid out along: an int, None for replicated, or `UNKNOWN`
+    for an array that is not laid out over a mapped axis."""
+    known = lookup(x)
+    if known is not None:
+        return known[0]
+    return read_axis(x)

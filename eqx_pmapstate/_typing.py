@@ -10,7 +10,6 @@ for different device counts do not type-check together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any, no_type_check, TYPE_CHECKING, TypeAlias, TypeVar
 
 import jax
@@ -148,27 +147,3 @@ else:
                     "name and its position: `PerDevice[Float[Array, '3'], 'devices', 0]`."
                 )
             return per_device(*args)
-
-
-if TYPE_CHECKING:
-    from types import EllipsisType
-
-    from ._filters import Filter
-
-    FilterLike: TypeAlias = (
-        Filter
-        | type
-        | str
-        | bool
-        | EllipsisType
-        | None
-        | Sequence["FilterLike"]
-        | Callable[..., bool]
-    )
-    # (Keys `int | None`; `Any`, as `Mapping` is invariant in them: `{0: ...}` is fine.)
-    OutAxes: TypeAlias = Mapping[Any, FilterLike] | FilterLike
-else:  # at run time (beartype under jaxtyping's hook), anything: the library checks
-    FilterLike = Any
-    OutAxes = Any
-"""`FilterLike`: the filter language, what [`eqx_pmapstate.filters.to_predicate`][]
-accepts. `OutAxes`: `state_out_axes`, a dict from axis to filters, or one filter."""

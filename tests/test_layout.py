@@ -4,8 +4,7 @@ facts about outputs: nothing is traced or run."""
 import jax.tree_util as jtu
 import pytest
 
-from eqx_pmapstate._engine import Pass
-from eqx_pmapstate._layout import DEFAULT, new_states_layout, OutLeaf, step_layout
+from eqx_pmapstate._layout import DEFAULT, new_states_layout, OutLeaf, Pass, step_layout
 
 
 def _p(*names):

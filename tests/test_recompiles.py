@@ -147,12 +147,13 @@ def test_the_fast_path_never_outlives_the_cache(monkeypatch):
     assert len(held) == 20
     assert len(step._fast) == 20
     assert all(id(fast.entry) in held for fast in step._fast.values())
+    assert all(id(quick.entry) in held for quick in step._quick.values())
     # The shortcuts still work for the lengths kept, and the others compile again.
     np.testing.assert_array_equal(step(jnp.zeros((8, 60), jnp.int32)), 1)
     np.testing.assert_array_equal(step(jnp.zeros((8, 1), jnp.int32)), 1)
     assert len(step._fast) == 20
     ep.clear_caches()
-    assert not step._fast
+    assert not step._fast and not step._quick
     assert MAXSIZE == 256  # the default bound
 
 
@@ -180,6 +181,21 @@ def test_clear_caches_empties_every_store():
         assert _map._mapped_apply.cache_info().currsize == 0
         assert _keys._names_read.cache_info().currsize == 0
         assert programs.cache_info().currsize == 0
+
+
+def test_the_meshes_kept_are_bounded():
+    from eqx_pmapstate import _mesh
+
+    ep.clear_caches()
+    devices = jax.devices()
+    for i in range(_mesh._MESHES_KEPT + 10):  # a new axis name each time
+        ep.pmap2(lambda x: x + 1, axis_name=f"axis{i}", devices=devices)
+        _mesh.resolve_mesh(None, devices, f"axis{i}")
+    assert len(_mesh._meshes) == _mesh._MESHES_KEPT
+    newest = _mesh.resolve_mesh(None, devices, f"axis{_mesh._MESHES_KEPT + 9}")[0]
+    assert (
+        newest is _mesh.resolve_mesh(None, devices, f"axis{_mesh._MESHES_KEPT + 9}")[0]
+    )
 
 
 class _Scale(eqx.Module):

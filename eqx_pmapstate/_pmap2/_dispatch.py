@@ -1,0 +1,251 @@
+"""Running a compiled entry: the full path, the quick path, and ahead of time.
+
+Every call ends in `run_entry`, whichever way it came: a call on the full path (after
+the signature is computed and the entry found), the quick path (`Quick`), or a program
+compiled ahead of time (`CompiledCall`). The axis name, the check mode and the donation
+checks travel with the entry.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.tree_util as jtu
+
+from .. import _engine
+from .._errors import differing_outputs
+from .._jax_compat import Tracer
+from .._keys import Guard
+from .._layout import CheckMode, output_name
+from .._program import Stale
+from ._inputs import CONCRETE, signature, where
+
+
+class Entry(NamedTuple):
+    """Everything a call of one signature needs."""
+
+    compiled: _engine.Compiled
+    dyn_index: tuple
+    donated: tuple  # indices into the dynamic inputs
+    put: bool  # whether some input must be moved to its layout first
+    paths: tuple  # the key path of each dynamic input, for messages
+    check: CheckMode  # the `check_replicated` mode
+    axis_name: str  # the step's axis, for messages
+
+    def dyn_of(self, leaves: Sequence) -> Sequence:
+        """The dynamic inputs among a call's flat leaves."""
+        return [leaves[i] for i in self.dyn_index]
+
+
+class Fast(NamedTuple):
+    """A `pmap2` function's own shortcut to an entry, valid while its guards hold."""
+
+    entry: Entry
+    guards: tuple[Guard, ...]
+
+    def valid(self) -> bool:
+        for g in self.guards:
+            if not g.holds():
+                return False
+        return True
+
+
+def check_donation(dyn, donated, paths) -> None:
+    seen: dict = {}
+    donated_set = set(donated)
+    kept = {id(x): paths[j] for j, x in enumerate(dyn) if j not in donated_set}
+    for d in donated:
+        x = dyn[d]
+        if isinstance(x, jax.Array) and not isinstance(x, Tracer):
+            if x.is_deleted():
+                raise ValueError(
+                    f"The input {where(paths[d])} was donated by an earlier call and "
+                    "its buffer is gone. Pass the outputs of that call instead, or use "
+                    "`donate='none'`."
+                )
+        if id(x) in seen:
+            raise ValueError(
+                f"The same array is passed twice, at {where(seen[id(x)])} and "
+                f"{where(paths[d])}, and would be donated twice (tied weights?). "
+                "Pass distinct arrays, or use `donate='none'`."
+            )
+        if id(x) in kept:
+            raise ValueError(
+                f"The same array is passed at {where(paths[d])}, which is donated, and "
+                f"at {where(kept[id(x)])}, which is not: its buffer cannot be both "
+                "given up and kept (a target network or an EMA that starts as the "
+                "parameters?). Pass a copy for one of them (`jnp.copy`), or use "
+                "`donate='none'`."
+            )
+        seen[id(x)] = paths[d]
+
+
+class Lowered:
+    """A `pmap2` function lowered for one call signature, from `Pmap2.lower`."""
+
+    def __init__(self, lowered, entry: Entry, treedef, signature, tree):
+        self.lowered = lowered  # the `jax.stages.Lowered` of the program
+        self._entry, self._treedef, self._signature = entry, treedef, signature
+        self._tree = tree  # `Pmap2._tree`: the tree of a call's inputs
+
+    def as_text(self, *args, **kwargs) -> str:
+        """The program's text (StableHLO by default), as `jax.stages.Lowered.as_text`."""
+        return self.lowered.as_text(*args, **kwargs)
+
+    def compile(self) -> CompiledCall:
+        """Compiles it: a callable taking the same arguments as the `pmap2` function."""
+        return CompiledCall(self.lowered.compile(), self)
+
+
+class CompiledCall:
+    def __init__(self, executable, lowered: Lowered):
+        self.executable = executable  # the `jax.stages.Compiled`
+        self._lowered = lowered
+
+    def as_text(self) -> str:
+        return self.executable.as_text()
+
+    def __call__(self, *args, **kwargs):
+        low = self._lowered
+        leaves, treedef = jtu.tree_flatten(low._tree(args, kwargs))
+        if treedef != low._treedef or signature(leaves) != low._signature:
+            raise TypeError(
+                "The arguments do not match those this program was lowered for (tree "
+                "structure, shapes, dtypes and layouts). Lower it again for them."
+            )
+        return run_entry(low._entry, low._entry.dyn_of(leaves), self.executable)
+
+
+def run_entry(entry: Entry, dyn: Sequence, program: Callable):
+    """One call of a compiled entry on its dynamic inputs `dyn`, whichever way it was
+    reached: the donation checks, `program` (the entry's jitted program, or its
+    executable compiled ahead of time), the run-time replication check, and the outputs
+    in their structure."""
+    if entry.donated:
+        check_donation(dyn, entry.donated, entry.paths)
+    compiled = entry.compiled
+    if entry.put:
+        dyn = compiled.place(dyn)
+    outs = program(*compiled.const_values(), *dyn)
+    if compiled.extra_out:
+        *outs, flags = outs
+        if entry.check == "runtime":
+            bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
+            if bad:
+                raise differing_outputs(bad, entry.axis_name)
+    return compiled.assemble(dyn, outs)
+
+
+_AVAL = operator.attrgetter("aval")
+_SHARDING = operator.attrgetter("sharding")
+MISS = object()  # `Quick` could not serve the call: take the full path
+STALE_LIMIT = (
+    8  # `Quick` records of one structure replaced this often: stop making them
+)
+
+
+def _seen(guard: Guard) -> tuple[bool, Any]:
+    """Whether the object a guard saw is still alive, and the object."""
+    if guard.weak is None:
+        return True, guard.seen
+    obj = guard.weak()
+    return obj is not None, obj
+
+
+class Quick:
+    """The steady-state call of one input structure: what the full path found for it
+    last, checked without building a signature.
+
+    It serves a call whose flat inputs have the same tree structure (the dict key it is
+    kept under), the same static leaves (the same objects), the same globals and cells
+    read by the function (the same objects), and array leaves that are all concrete
+    `jax.Array`s with equal abstract values (shape, dtype, weak type) and layouts; these
+    are compared as tuples, which compares by identity first (a step's outputs share
+    these objects from call to call). Nothing it holds is a cache key: it is replaced by
+    the full path's next call. The program is called outside `tracing_allowed()`: were
+    `jax.jit` to trace it again (a cleared cache, another configuration), it raises
+    `Stale` before anything runs, and the call takes the full path.
+    """
+
+    __slots__ = (
+        "entry",
+        "_statics_of",
+        "_statics",
+        "_dyn_of",
+        "_dicts",
+        "_cells",
+        "_avals",
+        "_shardings",
+    )
+
+    def __init__(self, entry: Entry, statics_of, statics, dicts, cells, dyn):
+        self.entry = entry
+        self._dyn_of = _engine.getter(entry.dyn_index)
+        self._statics_of, self._statics = statics_of, statics
+        self._dicts, self._cells = dicts, cells
+        self._avals = tuple(map(_AVAL, dyn))
+        self._shardings = tuple(map(_SHARDING, dyn))
+
+    def __call__(self, leaves: Sequence):
+        if not all(map(operator.is_, self._statics_of(leaves), self._statics)):
+            return MISS
+        for get, namespace, seen in self._dicts:
+            try:
+                now = get(namespace)
+            except KeyError:
+                return MISS
+            if not all(map(operator.is_, now, seen)):
+                return MISS
+        for cell, seen in self._cells:
+            try:
+                if cell.cell_contents is not seen:
+                    return MISS
+            except ValueError:  # emptied
+                return MISS
+        dyn = self._dyn_of(leaves)
+        if not set(map(type, dyn)) <= CONCRETE:
+            return MISS
+        if tuple(map(_AVAL, dyn)) != self._avals:
+            return MISS
+        if tuple(map(_SHARDING, dyn)) != self._shardings:
+            return MISS
+        try:
+            return run_entry(self.entry, dyn, self.entry.compiled.run)
+        except Stale:
+            return MISS
+
+
+def make_quick(entry: Entry, leaves: Sequence, guards: Sequence[Guard]) -> Quick | None:
+    """A `Quick` record for `entry` as the full path just called it with `leaves`, or
+    None when such a call cannot be served that way (host inputs to place, a tracer, a
+    constant that is a tracer, a guarded object that has died)."""
+    if entry.put or any(isinstance(c(), Tracer) for c in entry.compiled.consts):
+        return None
+    if not {type(leaves[i]) for i in entry.dyn_index} <= CONCRETE:
+        return None
+    dyn = set(entry.dyn_index)
+    static_at = [i for i in range(len(leaves)) if i not in dyn]
+    statics = tuple(leaves[i] for i in static_at)
+    dicts: dict[int, tuple[dict, list, list]] = {}
+    cells = []
+    for g in guards:
+        alive, obj = _seen(g)
+        if not alive:
+            return None
+        if g.name is None:
+            cells.append((g.container, obj))
+        else:
+            _, names, seen = dicts.setdefault(id(g.container), (g.container, [], []))
+            names.append(g.name)
+            seen.append(obj)
+    checks = tuple(
+        (_engine.getter(names), namespace, tuple(seen))
+        for namespace, names, seen in dicts.values()
+    )
+    dyn_leaves = [leaves[i] for i in entry.dyn_index]
+    return Quick(
+        entry, _engine.getter(static_at), statics, checks, tuple(cells), dyn_leaves
+    )
