@@ -163,3 +163,15 @@ def test_new_states_on_one_device():
     assert leaf.shape == (1, 3)
     np.testing.assert_array_equal(leaf[0], jax.random.normal(keys[0], (3,)))
     assert_laid_out(leaf, 0, n=1)
+
+
+def test_per_device_random_numbers_match_jax_pmap():
+    def draw(key, x):
+        key = jax.random.fold_in(key, jax.lax.axis_index("devices"))
+        noise = jax.random.normal(key, x.shape)
+        return jax.lax.cond(noise.sum() > 0, lambda: x + noise, lambda: x - noise)
+
+    key, xs = jax.random.key(3), np.ones((1, 4), np.float32)
+    ours = ep.pmap2(draw)(_put(key, P()), _put(xs, P("devices")))
+    ref = _pmap1(draw, in_axes=(None, 0))(key, xs)
+    np.testing.assert_array_equal(ours, ref)
