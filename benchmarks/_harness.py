@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 
 
@@ -132,7 +132,7 @@ def run_child(
 
 
 def interleaved(
-    runs: dict[str, Callable[[], object]], rounds: int, per_round: int = 1
+    runs: Mapping[str, Callable[[], object]], rounds: int, per_round: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per unit of work of each run, one entry per round: every round calls
     each run once, in turn, so that a slow spell of the machine hits all of them. A run
