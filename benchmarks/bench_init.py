@@ -43,35 +43,23 @@ The target is a/b (wall) at most 1.2 for both the first and the repeated call.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
+
+import _harness
 
 
-DEVICE_FLAG = "--xla_force_host_platform_device_count"
 TARGET = 1.2
-MARK = "BENCH_RESULT "
 
 
 # --------------------------------------------------------------------------- child side
 
 
 def _setup_jax(n_devices: int):
-    flags = os.environ.get("XLA_FLAGS", "")
-    if DEVICE_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={n_devices}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    _harness.use_devices("cpu", n_devices)
     import jax
 
-    if jax.device_count() < n_devices:
-        raise SystemExit(
-            f"Only {jax.device_count()} devices; XLA_FLAGS must not set {DEVICE_FLAG} below {n_devices}."
-        )
     return jax
 
 
@@ -103,11 +91,11 @@ def _time_calls(jax, call, make_inputs, repeats: int, summarize):
     for i in range(repeats + 1):
         inputs = jax.block_until_ready(make_inputs(i))
         gc.collect()
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = call(*inputs)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+        with _harness.Clock() as clock:
+            out = call(*inputs)
+            jax.block_until_ready(out)
+        times.append(clock.wall)
+        cpu.append(clock.cpu)
         if i == 0:
             summary = summarize(out)
         del out
@@ -222,38 +210,10 @@ LABELS = {
 
 
 def _run_child(variant: str, args, python: str) -> dict:
-    cmd = [
-        python,
-        os.path.abspath(__file__),
-        "--variant",
-        variant,
-        "--states",
-        str(args.states),
-        "--shape",
-        str(args.shape),
-        "--repeats",
-        str(args.repeats),
-        "--devices",
-        str(args.devices),
-    ]
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    if DEVICE_FLAG not in flags:
-        env["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={args.devices}".strip()
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    try:
-        proc = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=args.timeout
-        )
-    except FileNotFoundError:
-        return {"skipped": f"the interpreter {python!r} was not found"}
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    return {"error": f"exit code {proc.returncode}:\n    " + "\n    ".join(tail)}
+    argv = [os.path.abspath(__file__), "--variant", variant]
+    argv += ["--states", str(args.states), "--shape", str(args.shape)]
+    argv += ["--repeats", str(args.repeats), "--devices", str(args.devices)]
+    return _harness.run_child(argv, args.timeout, python, tail=15, sep="\n    ")
 
 
 def main(argv=None) -> int:
@@ -302,12 +262,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.variant is not None:
-        result = VARIANTS[args.variant](args)
-        print(MARK + json.dumps(result), flush=True)
+        _harness.report(VARIANTS[args.variant](args))
         return 0
 
-    load = os.getloadavg()[0]
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _harness.use_devices("cpu", args.devices)  # for the machine block
+    load = _harness.LOAD_AT_START
     print(
         f"{args.states} states of ({args.shape}, {args.shape}) float32 per device, {args.devices} CPU "
         f"devices, {os.cpu_count()} cores; first call = new function in a new process; repeated = "
@@ -409,11 +368,11 @@ def main(argv=None) -> int:
     else:
         print(f"target: both a/b ratios (wall) at most {TARGET}: not measured")
     if args.json:
-        write_json(args, results, stats, date, load, argv)
+        write_json(args, results, stats, argv)
     return 0
 
 
-def write_json(args, results: dict, stats: dict, date: str, load: float, argv) -> None:
+def write_json(args, results: dict, stats: dict, argv) -> None:
     """The results as JSON: the settings, the machine, per variant the medians (seconds;
     None where not measured) and every child's raw result."""
     variants = {}
@@ -427,20 +386,9 @@ def write_json(args, results: dict, stats: dict, date: str, load: float, argv) -
             "repeated_cpu_s": st[3] if st else None,
             "runs": rs,
         }
+    command = sys.argv[1:] if argv is None else argv
     out = {
-        "benchmark": "bench_init",
-        "source": "measured: written by benchmarks/bench_init.py --json",
-        "date": date,
-        "command": " ".join(
-            ["benchmarks/bench_init.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_cores": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_start": round(load, 2),
-            "devices": f"{args.devices} CPU devices",
-        },
+        **_harness.record("bench_init", "benchmarks/bench_init.py", command),
         "settings": {
             "states": args.states,
             "shape": [args.shape, args.shape],
@@ -450,12 +398,8 @@ def write_json(args, results: dict, stats: dict, date: str, load: float, argv) -
         },
         "variants": variants,
     }
-    folder = os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(folder, exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
-        f.write("\n")
-    print(f"results written to {args.json}")
+    out["machine"]["devices"] = f"{args.devices} CPU devices"  # as the older records
+    _harness.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -9,20 +9,12 @@ and its ratio to the floor) as JSON, for `benchmarks/plot_results.py`.
 """
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import sys
-from importlib import metadata
+
+import _harness
 
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-)
-
-import statistics  # noqa: E402
-import time  # noqa: E402
+_harness.use_devices("cpu", 8)  # before JAX starts
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -40,18 +32,23 @@ def mesh8():
 
 
 def timed(fns, repeats, calls):
+    """The median seconds per call of each `f()`, over `repeats` interleaved rounds of
+    `calls` calls."""
     for f in fns.values():  # compile, and warm the caches
         jax.block_until_ready(f())
         jax.block_until_ready(f())
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():  # interleaved
-            t0 = time.perf_counter()
+
+    def round_of(f):
+        def run():
             for _ in range(calls):
                 out = f()
             jax.block_until_ready(out)
-            times[k].append((time.perf_counter() - t0) / calls)
-    return {k: statistics.median(v) for k, v in times.items()}
+
+        return run
+
+    runs = {k: round_of(f) for k, f in fns.items()}
+    times = _harness.interleaved(runs, repeats, per_round=calls)
+    return {k: _harness.median_spread(v)[0] for k, v in times.items()}
 
 
 def bench_trivial(n_leaves, repeats, calls, with_filter_pmap=True):
@@ -128,8 +125,6 @@ def main():
         "--json", metavar="PATH", help="also write the results as JSON to PATH"
     )
     args = parser.parse_args()
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    load = round(os.getloadavg()[0], 2)
 
     res = bench_trivial(args.leaves, args.repeats, args.calls)
     base = res["jax.jit (floor)"]
@@ -171,23 +166,7 @@ def main():
         )
     if args.json:
         results = {
-            "benchmark": "bench_step",
-            "source": "measured: written by benchmarks/bench_step.py --json",
-            "date": date,
-            "command": " ".join(["benchmarks/bench_step.py", *sys.argv[1:]]),
-            "machine": {
-                "jax": jax.__version__,
-                "jaxlib": metadata.version("jaxlib"),
-                "equinox": eqx.__version__,
-                "library": f"eqx_pmapstate {ep.__version__}",
-                "python": platform.python_version(),
-                "backend": jax.default_backend(),
-                "device_count": jax.device_count(),
-                "device_kind": jax.devices()[0].device_kind,
-                "cpu_cores": os.cpu_count(),
-                "platform": platform.platform(),
-                "load_average_at_start": load,
-            },
+            **_harness.record("bench_step", "benchmarks/bench_step.py", sys.argv[1:]),
             "settings": {
                 "leaves": args.leaves,
                 "repeats": args.repeats,
@@ -205,12 +184,8 @@ def main():
                 for n, r in scaling.items()
             },
         }
-        folder = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        print(f"\nresults written to {args.json}")
+        print()
+        _harness.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -77,23 +77,17 @@ at least the state saved; the step at most 1.05x the replicated one's:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import NamedTuple
 
+import _harness
 
-N_CPU_DEVICES = 8
-DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+SCRIPT = "benchmarks/bench_train.py"
 AXIS = "devices"
-MARK = "BENCH_RESULT "
 STEP_TARGET = 1.05
 FIRST_CALL_TARGET = 1.3
 LEARNING_RATE = 1e-3
@@ -110,22 +104,7 @@ VARIANTS = (FLOOR, "eqx.filter_jit", "eqx.filter_pmap", "pmap2")
 QUICK = dict(rounds=5, steps_per_round=3, first_call_rounds=1)
 DEFAULTS = dict(rounds=30, steps_per_round=10, first_call_rounds=12)
 
-
-def _platform(argv) -> tuple[str, int]:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--platform", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--devices", type=int, default=N_CPU_DEVICES)
-    known, _ = p.parse_known_args(argv)
-    return ("gpu" if known.gpu else known.platform), known.devices
-
-
-_PLATFORM, _DEVICES = _platform(sys.argv[1:])
-if _PLATFORM == "cpu":  # before JAX is imported
-    _flags = os.environ.get("XLA_FLAGS", "")
-    if DEVICE_FLAG not in _flags:
-        os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_FLAG}={_DEVICES}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
+_harness.use_devices(*_harness.platform_from_argv(sys.argv[1:]))  # before JAX starts
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -278,11 +257,6 @@ def run_steps(r: Runner, model, opt_state, k: int):
     return jax.block_until_ready((model, opt_state, loss))
 
 
-def _error(e: BaseException) -> str:
-    text = str(e).strip() or repr(e)
-    return f"{type(e).__name__}: {text}"
-
-
 # --------------------------------------------------------------------------- per step
 
 
@@ -299,7 +273,7 @@ def check_agreement(runners: dict, steps: int, tol: float) -> tuple[dict, dict, 
                     raise AssertionError(f"a parameter came back laid out {a.sharding}")
             states[name] = (model, opt_state)
         except Exception as e:  # noqa: BLE001 - one variant's failure is reported
-            errors[name] = _error(e)
+            errors[name] = _harness.error_text(e)
     if FLOOR in states:
         ref = [np.asarray(a) for a in jax.tree.leaves(states[FLOOR][0])]
         for name, (model, _) in states.items():
@@ -320,15 +294,17 @@ def check_agreement(runners: dict, steps: int, tol: float) -> tuple[dict, dict, 
 
 def time_steps(runners: dict, states: dict, rounds: int, k: int) -> dict:
     """Seconds per step of each variant, one list entry per round (interleaved)."""
-    for name, r in runners.items():  # one more round each before timing
-        states[name] = run_steps(r, *states[name], k)[:2]
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, r in runners.items():
-            t0 = time.perf_counter()
+
+    def one_round(name: str, r: Runner) -> Callable[[], None]:
+        def run():  # the user's loop goes on from the state the last round reached
             states[name] = run_steps(r, *states[name], k)[:2]
-            times[name].append((time.perf_counter() - t0) / k)
-    return times
+
+        return run
+
+    runs = {name: one_round(name, r) for name, r in runners.items()}
+    for run in runs.values():  # one more round each before timing
+        run()
+    return _harness.interleaved(runs, rounds, per_round=k)
 
 
 def tolerance(steps: int) -> float:
@@ -345,7 +321,7 @@ def bench_per_step(size: str, args) -> dict:
         try:
             runners[name] = setup(name, prob, counters[name])
         except Exception as e:  # noqa: BLE001
-            errors[name] = _error(e)
+            errors[name] = _harness.error_text(e)
     tol = tolerance(args.check_steps)
     states, diffs, failed = check_agreement(runners, args.check_steps, tol)
     errors.update(failed)
@@ -368,30 +344,22 @@ def child(args) -> dict:
         prob = make_problem(args.size, args.batch)
         counter = [0]
         r = setup(args.variant, prob, counter)
-        c0, t0 = time.process_time(), time.perf_counter()
-        model, opt_state, loss = r.step(r.model, r.opt_state, r.x, r.y)
-        jax.block_until_ready((model, opt_state, loss))
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with _harness.Clock() as clock:
+            model, opt_state, loss = r.step(r.model, r.opt_state, r.x, r.y)
+            jax.block_until_ready((model, opt_state, loss))
         traces = counter[0]
         jax.block_until_ready(r.step(model, opt_state, r.x, r.y))
-        return {"wall": wall, "cpu": cpu, "traces": traces, "more": counter[0] - traces}
+        more = counter[0] - traces
+        return {"wall": clock.wall, "cpu": clock.cpu, "traces": traces, "more": more}
     except Exception as e:  # noqa: BLE001
-        return {"error": _error(e)}
+        return {"error": _harness.error_text(e)}
 
 
 def run_child(variant: str, size: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant]
-    cmd += ["--size", size, "--batch", str(args.batch), "--platform", args.platform]
-    cmd += ["--devices", str(args.devices)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(MARK):
-            return json.loads(line[len(MARK) :])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-10:]
-    return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    argv = [os.path.abspath(__file__), "--variant", variant, "--size", size]
+    argv += ["--batch", str(args.batch), "--platform", args.platform]
+    argv += ["--devices", str(args.devices)]
+    return _harness.run_child(argv, args.timeout)
 
 
 def bench_first_calls(sizes, args) -> dict:
@@ -417,11 +385,10 @@ def summarize(per_step: dict, firsts: dict) -> dict:
             continue
         ok = [r for r in firsts[v] if "error" not in r]
         errs = [r["error"] for r in firsts[v] if "error" in r]
-        ts = sorted(per_step["times"][v])
-        q1, q3 = np.percentile(ts, [25, 75])
+        step, spread = _harness.median_spread(per_step["times"][v])
         rows[v] = {
-            "step": statistics.median(ts),
-            "spread": (q3 - q1) / statistics.median(ts),
+            "step": step,
+            "spread": spread,
             "first": statistics.median(r["wall"] for r in ok) if ok else None,
             "cpu": statistics.median(r["cpu"] for r in ok) if ok else None,
             "traces": sorted({r["traces"] for r in ok}),
@@ -514,37 +481,9 @@ def print_targets(size: str, rows: dict) -> list:
     return marks
 
 
-def library() -> str:
-    """Which eqx_pmapstate is measured, or why it cannot be imported."""
-    try:
-        import eqx_pmapstate
-    except Exception as e:  # noqa: BLE001
-        return f"eqx_pmapstate not importable: {_error(e)}"
-    where = os.path.dirname(os.path.dirname(os.path.abspath(eqx_pmapstate.__file__)))
-    return f"eqx_pmapstate {eqx_pmapstate.__version__} from {where}"
-
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    device = jax.devices()[0]
-    return {
-        "jax": jax.__version__,
-        "jaxlib": metadata.version("jaxlib"),
-        "equinox": eqx.__version__,
-        "optax": optax.__version__,
-        "library": library(),
-        "python": platform.python_version(),
-        "backend": jax.default_backend(),
-        "device_count": jax.device_count(),
-        "device_kind": device.device_kind,
-        "cpu_cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_at_start": round(os.getloadavg()[0], 2),
-    }
-
-
-def to_json(per_step: dict, all_rows: dict, args, info: dict) -> dict:
-    """The results as one JSON-ready dict (times in seconds)."""
+def to_json(per_step: dict, all_rows: dict, args, head: dict) -> dict:
+    """The results as one JSON-ready dict (times in seconds), after `head`
+    (`_harness.record`: the date, the command, the machine)."""
     sizes = {}
     for size, rows in all_rows.items():
         variants = {}
@@ -573,11 +512,7 @@ def to_json(per_step: dict, all_rows: dict, args, info: dict) -> dict:
             "variants": variants,
         }
     return {
-        "benchmark": "bench_train",
-        "source": "measured: written by benchmarks/bench_train.py --json",
-        "date": info["date"],
-        "command": info["command"],
-        "machine": info["machine"],
+        **head,
         "settings": {
             "batch": args.batch,
             "rounds": args.rounds,
@@ -628,7 +563,7 @@ def parse_args(argv):
     p.add_argument(
         "--devices",
         type=int,
-        default=N_CPU_DEVICES,
+        default=_harness.N_CPU_DEVICES,
         help="CPU devices (8); 1 shows the per-call cost, which a slow step hides",
     )
     p.add_argument(
@@ -648,33 +583,24 @@ def parse_args(argv):
     return args
 
 
+def _argv(argv) -> list[str]:
+    return sys.argv[1:] if argv is None else list(argv)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.platform == "gpu" and jax.default_backend() == "cpu":
         raise SystemExit("--gpu: JAX found no accelerator here.")
     if args.variant is not None:
-        print(MARK + json.dumps(child(args)), flush=True)
+        _harness.report(child(args))
         return 0
     if args.zero:
         return bench_zero(args, argv)
     if set(args.sizes) - set(SIZES):
         raise SystemExit(f"--sizes {sorted(ZERO_SIZES)} are measured with --zero only.")
 
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "command": " ".join(
-            ["benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": machine(),
-    }
-    print(
-        f"JAX {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} "
-        f"device(s) ({jax.devices()[0].device_kind}), {os.cpu_count()} cores, "
-        f"load average {os.getloadavg()[0]:.2f}; equinox {eqx.__version__}, "
-        f"optax {optax.__version__}; {library()}"
-    )
+    head = _harness.record("bench_train", SCRIPT, _argv(argv))
+    print(_harness.describe_machine(head["machine"]))
     print(
         f"per step: median of {args.rounds} interleaved rounds of "
         f"{args.steps_per_round} steps; first call: median of "
@@ -698,7 +624,7 @@ def main(argv=None) -> int:
         + ("; some variant FAILED (exit status 1)" if failed else "")
     )
     if args.json:
-        write_json(args.json, to_json(per_step, all_rows, args, info))
+        _harness.write_json(args.json, to_json(per_step, all_rows, args, head))
     return 1 if failed else 0
 
 
@@ -775,15 +701,17 @@ def zero_variant(name: str, model, x, y) -> tuple[dict, list]:
 
 def time_zero(runs: dict, x, y, args) -> dict:
     """Seconds per step of each run, one entry per round (interleaved)."""
-    times = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, r in runs.items():
-            t0 = time.perf_counter()
+
+    def one_round(r: list) -> Callable[[], None]:
+        def run():  # `r` is `[step, model, opt_state]`, updated in place
             for _ in range(args.steps_per_round):
                 r[1], r[2], loss = r[0](r[1], r[2], x, y)
             jax.block_until_ready((r[1], r[2], loss))
-            times[name].append((time.perf_counter() - t0) / args.steps_per_round)
-    return times
+
+        return run
+
+    runs = {name: one_round(r) for name, r in runs.items()}
+    return _harness.interleaved(runs, args.rounds, per_round=args.steps_per_round)
 
 
 def bench_zero_size(size: str, args) -> dict:
@@ -838,11 +766,12 @@ def zero_targets(result: dict) -> list[tuple[str, bool]]:
 
 
 def bench_zero(args, argv) -> int:
-    n = jax.device_count()
+    head = _harness.record("bench_train --zero", SCRIPT, _argv(argv))
+    head["source"] = f"measured: written by {SCRIPT} --zero --json"
     print(
-        f"JAX {jax.__version__}, backend {jax.default_backend()}, {n} device(s), "
-        f"{os.cpu_count()} cores; {library()}; optax.adam, batch {args.batch}; per "
-        f"step: median of {args.rounds} interleaved rounds of {args.steps_per_round}"
+        f"{_harness.describe_machine(head['machine'])}; optax.adam, batch "
+        f"{args.batch}; per step: median of {args.rounds} interleaved rounds of "
+        f"{args.steps_per_round}"
     )
     results, all_met = {}, True
     for size in args.sizes:
@@ -879,15 +808,7 @@ def bench_zero(args, argv) -> int:
     print(f"\nall targets: {'met' if all_met else 'NOT all met'}")
     if args.json:
         info = {
-            "benchmark": "bench_train --zero",
-            "source": "measured: written by benchmarks/bench_train.py --zero --json",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
-            "command": " ".join(
-                ["benchmarks/bench_train.py", *(sys.argv[1:] if argv is None else argv)]
-            ),
-            "machine": machine(),
+            **head,
             "settings": {
                 "batch": args.batch,
                 "rounds": args.rounds,
@@ -896,17 +817,8 @@ def bench_zero(args, argv) -> int:
             },
             "sizes": results,
         }
-        write_json(args.json, info)
+        _harness.write_json(args.json, info)
     return 0
-
-
-def write_json(path: str, results: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -7,20 +7,20 @@ CPU it makes 8 CPU devices itself.
 
 import os
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
+import eqx_pmapstate as ep
+from eqx_pmapstate import PerDevice
+from eqx_pmapstate.filters import OfType
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jaxtyping import Array, Float, Int  # noqa: E402
 
-import eqx_pmapstate as ep  # noqa: E402
-from eqx_pmapstate import PerDevice  # noqa: E402
-from eqx_pmapstate.filters import OfType  # noqa: E402
+# 8 CPU devices where there is no accelerator, before JAX's first computation (a count
+# given by the caller, JAX_NUM_CPU_DEVICES=4 for example, is kept).
+if "JAX_NUM_CPU_DEVICES" not in os.environ:
+    jax.config.update("jax_num_cpu_devices", 8)
 
 
 n = jax.local_device_count()

@@ -15,20 +15,20 @@ made with `--plot docs/figures/loss.png`.
 import argparse
 import os
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    )
+import eqx_pmapstate as ep
+from eqx_pmapstate.filters import OfType
 
-import equinox as eqx  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from jaxtyping import Array, Int  # noqa: E402
 
-import eqx_pmapstate as ep  # noqa: E402
-from eqx_pmapstate.filters import OfType  # noqa: E402
+# 8 CPU devices where there is no accelerator, before JAX's first computation (a count
+# given by the caller, JAX_NUM_CPU_DEVICES=4 for example, is kept).
+if "JAX_NUM_CPU_DEVICES" not in os.environ:
+    jax.config.update("jax_num_cpu_devices", 8)
 
 
 AXIS = "devices"

@@ -1,16 +1,15 @@
-# The tests force 8 CPU devices before JAX is imported, so they pass on any machine.
+# The tests ask JAX for 8 CPU devices before its backend starts, so they pass on any
+# machine. Child processes that the tests start choose their own device count.
 import os
 
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 
+jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -480,10 +480,7 @@ def test_page_runs(page):
     rel = path.relative_to(ROOT).as_posix()
     blocks = code_blocks(path.read_text())
     env = dict(os.environ)
-    if "--xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = (
-            env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        ).strip()
+    env["JAX_NUM_CPU_DEVICES"] = "8"  # what the pages print is for 8 devices
     env.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         results = pathlib.Path(tmp) / "outputs.jsonl"

@@ -22,7 +22,6 @@ CHECKSUM = re.compile(r"checksum: (\S+ \S+)")
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # each process sets its own device count
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

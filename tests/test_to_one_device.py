@@ -186,7 +186,6 @@ def test_every_process_gets_the_same_tree(tmp_path):
         )
     )
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "eqx_pmapstate.launch", "--processes", "2"]
     cmd += ["--local-devices", "4", "--timeout", "110", str(script)]

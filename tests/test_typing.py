@@ -112,8 +112,8 @@ def test_the_import_hook_checks_the_library():
     # that it reaches the library's functions.
     script = textwrap.dedent(
         """
-        import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax
+        jax.config.update("jax_num_cpu_devices", 8)
         from jaxtyping import install_import_hook
         with install_import_hook("eqx_pmapstate", "beartype.beartype"):
             import eqx_pmapstate as ep

@@ -385,9 +385,8 @@ def test_donating_the_same_array_twice_is_an_error():
 def test_a_failed_runtime_check_does_not_abort_at_exit():
     script = textwrap.dedent(
         """
-        import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
         import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_num_cpu_devices", 8)
         import eqx_pmapstate as ep
         w = ep.pmap2_new_states(lambda: ep.NonBatchState(jnp.zeros(3))).value
         x = np.arange(8, dtype=np.float32).reshape(8, 1)

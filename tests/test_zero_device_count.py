@@ -18,7 +18,6 @@ SCRIPT = str(ROOT / "tests" / "zero_device_count.py")
 
 def _run(devices: int, *args) -> list[list[float]]:
     env = dict(os.environ, ZERO_DEVICES=str(devices))
-    env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
         [sys.executable, SCRIPT, *map(str, args)],

@@ -18,7 +18,6 @@ STATE = re.compile(r"state bytes on one device: (\d+)")
 
 def _env():
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # each process sets its own device count
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -17,15 +17,13 @@ draws when matplotlib is there), or with `--from-json` (draws only: matplotlib a
     .venv-docs/bin/python docs/scripts/zero_figure.py --from-json
 """
 
+import json
 import os
+import pathlib
+import sys
 
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -110,6 +108,7 @@ def measure(n: int, sharded: bool) -> tuple[int, int]:
 def measure_all() -> dict:
     import jax
 
+    jax.config.update("jax_num_cpu_devices", max(COUNTS))  # before any JAX computation
     with jax.numpy_dtype_promotion("standard"):
         got = {
             (n, sharded): measure(n, sharded)
