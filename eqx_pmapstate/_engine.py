@@ -258,9 +258,11 @@ def build(
     donate: Sequence[int] = (),
     user_arrays: Set[int] = frozenset(),
     one_device: bool = False,
+    fix_inputs: bool = False,
 ) -> tuple[Compiled, bool]:
     """Compiles the program for `traced` laid out by `layout`. Returns it and whether it
-    may be cached. `one_device`: on a mesh of one device, `_program.one_device`."""
+    may be cached. `one_device`: on a mesh of one device, `_program.one_device`;
+    `fix_inputs`: the program's input layouts fixed (when no input is a tracer)."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
     plan, outputs, structs = _plan(traced, layout, mesh, axis_name, axis_size)
@@ -269,7 +271,17 @@ def build(
     n_consts = len(closed.consts)
     if mesh is not None:
         make = _program.one_device if one_device else _program.sharded
-        run = make(jaxpr, n_consts, in_axes, outputs, checked, mesh, axis_name, donate)
+        run = make(
+            jaxpr,
+            n_consts,
+            in_axes,
+            outputs,
+            checked,
+            mesh,
+            axis_name,
+            donate,
+            fix_inputs=fix_inputs,
+        )
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
@@ -361,6 +373,7 @@ def compile_program(
         axis_size=axis_size,
         donate=donate,
         user_arrays=user_arrays,
+        fix_inputs=not any(isinstance(x, Tracer) for x in dyn),
     )
     compiled, cacheable = _on_one_device(make, mesh, dyn) or make()
     if any(isinstance(x, Tracer) for x in dyn):

@@ -11,9 +11,13 @@ no array of its own; the caller passes them on each call.
 
 A program is traced by `jax.jit` only inside `tracing_allowed()`. The steady-state call
 (`_pmap2`'s quick path) calls it outside, trusting `jax.jit`'s C++ dispatch to check
-the arguments: same shapes, dtypes, weak types, layouts and commitment as when it was
-compiled. Anything else makes `jax.jit` trace again, which raises `Stale` before
-anything runs, and the caller takes the full path, which checks everything itself.
+the arguments. With `fix_inputs`, the program's input layouts are fixed
+(`in_shardings`); then (measured on JAX 0.10.2 and 0.12.1, pinned by
+`tests/test_quick_path.py`) an argument of the same shape, dtype, weak type and layout
+runs; one committed to another layout raises `ValueError`; any other (another shape,
+dtype or weak type; an array not committed to a layout, a host array) makes `jax.jit`
+trace again, which raises `Stale`; both before anything runs, and the caller takes the
+full path, which checks everything itself.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ def sharded(
     mesh: Mesh,
     axis_name: str,
     donate: Sequence[int] = (),
+    fix_inputs: bool = False,
 ):
     """`jit(shard_map(...))` of `jaxpr` (an open `Jaxpr`, whose constants are inputs): takes `(*consts, *inputs)` as global arrays and
     returns, for each `(k, axis)` of `outputs`, the jaxpr's output `k` laid out along
@@ -113,6 +118,7 @@ def sharded(
     out_shardings = [NamedSharding(mesh, s) for s in out_specs]
     return jax.jit(
         _gated(mapped),
+        in_shardings=_fixed(mesh, in_specs) if fix_inputs else None,
         out_shardings=out_shardings,
         donate_argnums=tuple(n_consts + i for i in donate),
     )
@@ -127,6 +133,7 @@ def one_device(
     mesh: Mesh,
     axis_name: str,
     donate: Sequence[int] = (),
+    fix_inputs: bool = False,
 ):
     """`sharded`'s program on a mesh of one device, with the same calling convention
     and layouts, without `shard_map`: XLA keeps a collective of a `shard_map` body as
@@ -154,11 +161,18 @@ def one_device(
     out_specs = [axis_spec(axis_name, a) for _, a in outputs] + (
         [P()] if checked else []
     )
+    in_specs = (P(),) * n_consts + tuple(axis_spec(axis_name, a) for a in in_axes)
     return jax.jit(
         _gated(program),
+        in_shardings=_fixed(mesh, in_specs) if fix_inputs else None,
         out_shardings=[NamedSharding(mesh, s) for s in out_specs],
         donate_argnums=tuple(n_consts + i for i in donate),
     )
+
+
+def _fixed(mesh: Mesh, specs) -> tuple:
+    """`in_shardings` that fix each input's layout (see the module's docstring)."""
+    return tuple(NamedSharding(mesh, s) for s in specs)
 
 
 def vmapped(

@@ -129,7 +129,13 @@ def run_entry(entry: Entry, dyn: Sequence, program: Callable):
     compiled = entry.compiled
     if entry.put:
         dyn = compiled.place(dyn)
-    outs = program(*compiled.const_values(), *dyn)
+    return finish(entry, dyn, program(*compiled.const_values(), *dyn))
+
+
+def finish(entry: Entry, dyn: Sequence, outs: Sequence):
+    """After the program: the run-time replication check, and the outputs in their
+    structure."""
+    compiled = entry.compiled
     if compiled.extra_out:
         *outs, flags = outs
         if entry.check == "runtime":
@@ -139,8 +145,6 @@ def run_entry(entry: Entry, dyn: Sequence, program: Callable):
     return compiled.assemble(dyn, outs)
 
 
-_AVAL = operator.attrgetter("aval")
-_SHARDING = operator.attrgetter("sharding")
 MISS = object()  # `Quick` could not serve the call: take the full path
 STALE_LIMIT = (
     8  # `Quick` records of one structure replaced this often: stop making them
@@ -157,37 +161,29 @@ def _seen(guard: Guard) -> tuple[bool, Any]:
 
 class Quick:
     """The steady-state call of one input structure: what the full path found for it
-    last, checked without building a signature.
+    last, with the arrays' checks left to `jax.jit`'s C++ dispatch.
 
     It serves a call whose flat inputs have the same tree structure (the dict key it is
     kept under), the same static leaves (the same objects), the same globals and cells
-    read by the function (the same objects), and array leaves that are all concrete
-    `jax.Array`s with equal abstract values (shape, dtype, weak type) and layouts; these
-    are compared as tuples, which compares by identity first (a step's outputs share
-    these objects from call to call). Nothing it holds is a cache key: it is replaced by
-    the full path's next call. The program is called outside `tracing_allowed()`: were
-    `jax.jit` to trace it again (a cleared cache, another configuration), it raises
-    `Stale` before anything runs, and the call takes the full path.
+    read by the function (the same objects), and whose array leaves are all concrete
+    `jax.Array`s (no tracer, no host array). It reads nothing of the arrays themselves
+    (reading an array's layout or abstract value from Python costs a few hundred
+    nanoseconds per array on a step's fresh outputs). The program was compiled with
+    the input layouts fixed (`in_shardings`), and is called outside
+    `tracing_allowed()`: an array of another shape, dtype or weak type, or one not
+    committed to a layout, makes `jax.jit` trace again, which raises `Stale`; one
+    committed to another layout makes it raise `ValueError`; both before anything
+    runs, and the call takes the full path, which reads and checks every input. Nothing
+    it holds is a cache key: it is replaced by the full path's next call.
     """
 
-    __slots__ = (
-        "entry",
-        "_statics_of",
-        "_statics",
-        "_dyn_of",
-        "_dicts",
-        "_cells",
-        "_avals",
-        "_shardings",
-    )
+    __slots__ = ("entry", "_statics_of", "_statics", "_dyn_of", "_dicts", "_cells")
 
-    def __init__(self, entry: Entry, statics_of, statics, dicts, cells, dyn):
+    def __init__(self, entry: Entry, statics_of, statics, dicts, cells):
         self.entry = entry
         self._dyn_of = _engine.getter(entry.dyn_index)
         self._statics_of, self._statics = statics_of, statics
         self._dicts, self._cells = dicts, cells
-        self._avals = tuple(map(_AVAL, dyn))
-        self._shardings = tuple(map(_SHARDING, dyn))
 
     def __call__(self, leaves: Sequence):
         if not all(map(operator.is_, self._statics_of(leaves), self._statics)):
@@ -208,21 +204,25 @@ class Quick:
         dyn = self._dyn_of(leaves)
         if not set(map(type, dyn)) <= CONCRETE:
             return MISS
-        if tuple(map(_AVAL, dyn)) != self._avals:
-            return MISS
-        if tuple(map(_SHARDING, dyn)) != self._shardings:
-            return MISS
+        entry = self.entry
+        if entry.donated:
+            check_donation(dyn, entry.donated, entry.paths)
+        compiled = entry.compiled
         try:
-            return run_entry(self.entry, dyn, self.entry.compiled.run)
-        except Stale:
+            outs = compiled.run(*compiled.const_values(), *dyn)
+        except (Stale, ValueError):  # raised before anything ran
             return MISS
+        return finish(entry, dyn, outs)
 
 
 def make_quick(entry: Entry, leaves: Sequence, guards: Sequence[Guard]) -> Quick | None:
     """A `Quick` record for `entry` as the full path just called it with `leaves`, or
     None when such a call cannot be served that way (host inputs to place, a tracer, a
     constant that is a tracer, a guarded object that has died)."""
-    if entry.put or any(isinstance(c(), Tracer) for c in entry.compiled.consts):
+    compiled = entry.compiled
+    if entry.put or compiled.in_shardings is None:
+        return None  # inputs to place; or an ensemble's program, whose are not fixed
+    if any(isinstance(c(), Tracer) for c in compiled.consts):
         return None
     if not {type(leaves[i]) for i in entry.dyn_index} <= CONCRETE:
         return None
@@ -245,7 +245,4 @@ def make_quick(entry: Entry, leaves: Sequence, guards: Sequence[Guard]) -> Quick
         (_engine.getter(names), namespace, tuple(seen))
         for namespace, names, seen in dicts.values()
     )
-    dyn_leaves = [leaves[i] for i in entry.dyn_index]
-    return Quick(
-        entry, _engine.getter(static_at), statics, checks, tuple(cells), dyn_leaves
-    )
+    return Quick(entry, _engine.getter(static_at), statics, checks, tuple(cells))
