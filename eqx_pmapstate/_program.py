@@ -115,15 +115,24 @@ def is_local(jaxpr, axis_name) -> bool:
     return True
 
 
-def _global_struct(aval, axis, mesh, axis_name) -> jax.ShapeDtypeStruct:
+def _shardings(mesh: Mesh, axis_name, axes) -> list[NamedSharding]:
+    """The sharding of each of `axes`, one object per distinct axis."""
+    made: dict = {}
+    out = []
+    for a in axes:
+        s = made.get(a)
+        if s is None:
+            s = made[a] = NamedSharding(mesh, axis_spec(axis_name, a))
+        out.append(s)
+    return out
+
+
+def _global_struct(aval, axis, n: int, sharding) -> jax.ShapeDtypeStruct:
     shape = list(aval.shape)
     if axis is not None:
-        shape.insert(axis, mesh.shape[axis_name])
+        shape.insert(axis, n)
     return jax.ShapeDtypeStruct(
-        tuple(shape),
-        aval.dtype,
-        weak_type=aval.weak_type,
-        sharding=NamedSharding(mesh, axis_spec(axis_name, axis)),
+        tuple(shape), aval.dtype, weak_type=aval.weak_type, sharding=sharding
     )
 
 
@@ -147,14 +156,15 @@ def _batched(jaxpr, n_consts, in_axes, outputs, mesh: Mesh, axis_name, donate):
     )
     run = jax.jit(
         mapped,
-        out_shardings=[
-            NamedSharding(mesh, axis_spec(axis_name, a)) for _, a in outputs
-        ],
+        out_shardings=_shardings(mesh, axis_name, [a for _, a in outputs]),
         donate_argnums=tuple(n_consts + i for i in donate),
     )
+    n = mesh.shape[axis_name]
     structs = [
-        _global_struct(v.aval, a, mesh, axis_name)
-        for v, a in zip(jaxpr.invars, all_axes, strict=True)
+        _global_struct(v.aval, a, n, s)
+        for v, a, s in zip(
+            jaxpr.invars, all_axes, _shardings(mesh, axis_name, all_axes), strict=True
+        )
     ]
     try:
         run.trace(*structs)  # JAX keeps this trace for the first call
