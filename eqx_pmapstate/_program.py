@@ -3,8 +3,9 @@
 Over a mesh axis it is `jax.jit(jax.shard_map(..., check_vma=False))`, the semantics of
 `jax.pmap` (a replicated input is an identical copy on each device), with the output
 shardings given explicitly so that a device axis survives on a one-device mesh and on
-zero-size arrays. A jaxpr that uses no collective over the axis and has no side effect
-computes each device's outputs from that device's inputs alone; it is run as
+zero-size arrays. A jaxpr that uses no collective over the axis, has no side effect and
+draws no random bits but threefry's computes each device's outputs from that device's
+inputs alone, as `jax.vmap` computes them; it is run as
 `jax.jit(jax.vmap(...))` over the global arrays instead, with the same output shardings,
 which XLA partitions over the mesh as it does the user's own `jax.jit`. The results are
 the same; the compile is cheaper (XLA's Shardy partitioner takes time quadratic in the
@@ -90,6 +91,21 @@ def sharded(
 
 # Operations whose meaning depends on the mesh, whatever axes their parameters name.
 _ON_A_MESH = frozenset({"shard_map", "xla_pmap"})
+# XLA's own random generators: `jax.vmap` draws other bits than each device would.
+_XLA_RNG = frozenset({"rng_bit_generator", "rng_uniform"})
+
+
+def _other_keys(eqn) -> bool:
+    """Whether `eqn` takes or makes a PRNG key of another implementation than threefry
+    (`rbg`, `unsafe_rbg`), whose bits `jax.vmap` draws otherwise than each device would
+    (threefry's are the same)."""
+    for v in (*eqn.invars, *eqn.outvars):
+        dtype = getattr(getattr(v, "aval", None), "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jax.dtypes.prng_key):
+            continue
+        if str(dtype) != "key<fry>":
+            return True
+    return False
 
 
 def _names_axis(params, axis_name) -> bool:
@@ -101,13 +117,17 @@ def _names_axis(params, axis_name) -> bool:
 
 
 def is_local(jaxpr, axis_name) -> bool:
-    """Whether `jaxpr` computes each device's outputs from that device's inputs alone:
-    it has no side effect, and none of its operations (nor of the jaxprs inside them)
-    is a collective over `axis_name` (`psum`, `axis_index`, ...) or a map over a mesh."""
+    """Whether `jaxpr` computes each device's outputs from that device's inputs alone,
+    as `jax.vmap` computes them: it has no side effect, and none of its operations (nor
+    of the jaxprs inside them) is a collective over `axis_name` (`psum`, `axis_index`,
+    ...), a map over a mesh, or draws random bits otherwise than threefry."""
     if jaxpr.effects:
         return False
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _ON_A_MESH or _names_axis(eqn.params, axis_name):
+        name = eqn.primitive.name
+        if name in _ON_A_MESH or name in _XLA_RNG or _other_keys(eqn):
+            return False
+        if _names_axis(eqn.params, axis_name):
             return False
         for sub in subjaxprs(eqn.params):
             if not is_local(getattr(sub, "jaxpr", sub), axis_name):

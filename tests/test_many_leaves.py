@@ -94,6 +94,23 @@ def test_donated_inputs_without_collectives():
     assert x.is_deleted()
 
 
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_random_bits_are_those_of_pmap(impl):
+    keys = jax.random.split(jax.random.key(0, impl=impl), 8)
+
+    def f(k):
+        new = jax.random.key_data(jax.random.split(k)[0])
+        return jax.random.normal(k, (3,)), jax.random.bits(k, (2,)), new
+
+    for a, b in zip(ep.pmap2(f)(keys), jax.pmap(f)(keys)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _rng(x):
+    bits = jax.lax.rng_bit_generator(jnp.zeros((4,), jnp.uint32), (3,))[1]
+    return x + bits.astype(x.dtype)
+
+
 def _jaxpr(f, *avals):
     return trace(lambda xs: f(*xs), avals, "devices", 8).jaxpr.jaxpr
 
@@ -120,6 +137,7 @@ def _jaxpr(f, *avals):
             False,
         ),
         (lambda x: (jax.debug.print("{}", x), x)[1], False),  # a side effect
+        (_rng, False),  # XLA's own generator
     ],
 )
 def test_is_local(f, local):
