@@ -239,3 +239,29 @@ def test_matches_jax_pmap_over_a_training_loop():
         w_ours, w_ref = ours(w_ours, x), ref(w_ref, xs)
     np.testing.assert_allclose(w_ours, w_ref, rtol=1e-6)
     assert_laid_out(w_ours, None)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: jnp.asarray(v),  # not committed to a layout
+        lambda v: np.asarray(v),  # a host array
+        lambda v: jax.device_put(v, jax.devices()[3]),  # committed to one device
+        lambda v: _put(v, P("devices")),  # committed to another layout
+    ],
+    ids=["uncommitted", "numpy", "one-device", "other-layout"],
+)
+def test_what_the_quick_path_does_not_read_takes_the_full_path(make):
+    # The quick record was made for a replicated (8, 8) input; an input of the same
+    # shape and dtype that is not laid out so must be read as the full path reads it
+    # (split over the devices, the default rule for an array off the mesh).
+    def f(x):
+        return x.sum(axis=-1)
+
+    step = ep.pmap2(f, out_axes=0, check_replicated=False)
+    value = np.arange(64.0, dtype=np.float32).reshape(8, 8)
+    _warm(step, _put(value, P()))
+    got = step(make(value))
+    want = ep.pmap2(f, out_axes=0, check_replicated=False)(make(value))
+    np.testing.assert_allclose(got, want)
+    np.testing.assert_allclose(got, value.sum(axis=1))
