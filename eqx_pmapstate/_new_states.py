@@ -478,7 +478,8 @@ def pmap2_new_states(
     """Creates a module's new states on several devices at once, each laid out along the
     axis that the filters of `state_out_axes` choose for it.
 
-    The initialisation runs once per device inside `jax.jit(jax.shard_map(...))`: every
+    The initialisation runs once per device inside one `jax.jit` (a `shard_map`, or a
+    `vmap` with the same results when it uses no collective): every
     state is made directly on its devices, `jax.lax.axis_index(axis_name)` works inside it,
     and nothing is built whole on one device first. The result is a new pytree whose new
     leaves are global `jax.Array`s on a one-dimensional mesh named `axis_name`; nothing

@@ -323,7 +323,9 @@ def pmap2(
     devices: Sequence[Any] | Mesh | None = None,
 ) -> Any:
     """Maps a function over the devices of a mesh axis, like `eqx.filter_pmap`, on
-    `jax.jit(jax.shard_map(...))` and global arrays.
+    global arrays, compiled as `jax.jit(jax.shard_map(...))` (or, with the same results,
+    as `jax.jit(jax.vmap(...))` for a step without collectives, which XLA compiles
+    faster, and without `shard_map` on a mesh of one device).
 
     Each device runs `fun` on its own slice of every mapped input (the device axis
     removed), and collectives over `axis_name` work inside. The semantics are
