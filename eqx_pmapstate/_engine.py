@@ -19,7 +19,6 @@ Callers read their inputs' layouts, choose the policy, and keep the result, a
 
 from __future__ import annotations
 
-import functools
 import operator
 import weakref
 from collections.abc import Callable, Sequence, Set
@@ -257,12 +256,11 @@ def build(
     axis_size: int,
     donate: Sequence[int] = (),
     user_arrays: Set[int] = frozenset(),
-    one_device: bool = False,
     fix_inputs: bool = False,
 ) -> tuple[Compiled, bool]:
     """Compiles the program for `traced` laid out by `layout`. Returns it and whether it
-    may be cached. `one_device`: on a mesh of one device, `_program.one_device`;
-    `fix_inputs`: the program's input layouts fixed (when no input is a tracer)."""
+    may be cached. `fix_inputs`: the program's input layouts fixed (when no input is a
+    tracer)."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
     plan, outputs, structs = _plan(traced, layout, mesh, axis_name, axis_size)
@@ -270,8 +268,7 @@ def build(
     checked = [k for k, _ in outputs if k in layout.checked]
     n_consts = len(closed.consts)
     if mesh is not None:
-        make = _program.one_device if one_device else _program.sharded
-        run = make(
+        run = _program.sharded(
             jaxpr,
             n_consts,
             in_axes,
@@ -363,8 +360,8 @@ def compile_program(
     mapped = [a is not None for a in in_axes]
     leaves = out_leaves(traced, varying_outputs(traced.jaxpr, mapped, axis_name))
     layout = decide(leaves, traced.wanted)
-    make = functools.partial(
-        build,
+    traced_inputs = any(isinstance(x, Tracer) for x in dyn)
+    compiled, cacheable = build(
         traced,
         layout,
         in_axes=in_axes,
@@ -373,30 +370,14 @@ def compile_program(
         axis_size=axis_size,
         donate=donate,
         user_arrays=user_arrays,
-        fix_inputs=not any(isinstance(x, Tracer) for x in dyn),
+        fix_inputs=not traced_inputs,
     )
-    compiled, cacheable = _on_one_device(make, mesh, dyn) or make()
-    if any(isinstance(x, Tracer) for x in dyn):
+    if traced_inputs:
         # Inside a transformation: an outer `jax.jit` that names no layout, so that
         # the transposed program (a VJP) takes a cotangent laid out otherwise than
         # the output, as `jax.pmap`'s does; the inner one lays it out.
         compiled.run = jax.jit(compiled.run)
     return Program(compiled, traced, leaves, layout, cacheable)
-
-
-def _on_one_device(make, mesh: Mesh | None, dyn: Sequence):
-    """On a mesh of one device, and outside other transformations: the program of
-    `_program.one_device`, if it traces (a collective without a rule for `jax.vmap`
-    keeps `shard_map`'s program); else None. Its trace is the one its first call uses."""
-    if mesh is None or mesh.size != 1 or any(isinstance(x, Tracer) for x in dyn):
-        return None
-    compiled, cacheable = make(one_device=True)
-    try:
-        with _program.tracing_allowed():
-            compiled.run.trace(*compiled.const_values(), *compiled.place(dyn))
-    except Exception:  # noqa: BLE001 - the general program is the fallback
-        return None
-    return compiled, cacheable
 
 
 _V = TypeVar("_V")

@@ -107,12 +107,17 @@ def sharded(
     `axis`; then, if `checked` (output numbers) is not empty, a bool per checked output:
     True where it differs between devices."""
     in_axes, outputs, checked = tuple(in_axes), tuple(outputs), tuple(checked)
-    if not checked and is_local(jaxpr, axis_name):
+    run = None
+    if mesh.size == 1 and fix_inputs:
+        run = _one_device(
+            jaxpr, n_consts, in_axes, outputs, checked, mesh, axis_name, donate
+        )
+    elif not checked and is_local(jaxpr, axis_name):
         run = _batched(
             jaxpr, n_consts, in_axes, outputs, mesh, axis_name, donate, fix_inputs
         )
-        if run is not None:
-            return run
+    if run is not None:
+        return run
     out_axes = [a for _, a in outputs]
 
     def body(*xs):
@@ -131,22 +136,16 @@ def sharded(
     out_shardings = [NamedSharding(mesh, s) for s in out_specs]
     return jax.jit(
         _gated(mapped),
-        in_shardings=_fixed(mesh, in_specs) if fix_inputs else None,
+        in_shardings=_inputs(mesh, axis_name, n_consts, in_axes)
+        if fix_inputs
+        else None,
         out_shardings=out_shardings,
         donate_argnums=tuple(n_consts + i for i in donate),
     )
 
 
-def one_device(
-    jaxpr,
-    n_consts: int,
-    in_axes: Sequence[int | None],
-    outputs: Sequence[tuple[int, int | None]],
-    checked: Sequence[int],
-    mesh: Mesh,
-    axis_name: str,
-    donate: Sequence[int] = (),
-    fix_inputs: bool = False,
+def _one_device(
+    jaxpr, n_consts, in_axes, outputs, checked, mesh: Mesh, axis_name, donate
 ):
     """`sharded`'s program on a mesh of one device, with the same calling convention
     and layouts, without `shard_map`: XLA keeps a collective of a `shard_map` body as
@@ -155,8 +154,8 @@ def one_device(
     removed, under `jax.vmap` over an axis of size one named `axis_name` to which no
     input is mapped: a collective over it is the identity (a sum over one device), and
     nothing else is batched. Nothing can differ between devices: a checked output's
-    flag is False."""
-    in_axes, outputs = tuple(in_axes), tuple(outputs)
+    flag is False. None if it does not trace (a collective without a rule for
+    `jax.vmap`): then the `shard_map` program runs it."""
 
     def body(xs):
         consts, local = xs[:n_consts], _squeeze(xs[n_consts:], in_axes)
@@ -171,21 +170,15 @@ def one_device(
             res.append(jnp.zeros(len(checked), dtype=bool))
         return res
 
-    out_specs = [axis_spec(axis_name, a) for _, a in outputs] + (
-        [P()] if checked else []
-    )
-    in_specs = (P(),) * n_consts + tuple(axis_spec(axis_name, a) for a in in_axes)
-    return jax.jit(
+    out_axes = [a for _, a in outputs]
+    run = jax.jit(
         _gated(program),
-        in_shardings=_fixed(mesh, in_specs) if fix_inputs else None,
-        out_shardings=[NamedSharding(mesh, s) for s in out_specs],
+        in_shardings=_inputs(mesh, axis_name, n_consts, in_axes),
+        out_shardings=_shardings(mesh, axis_name, out_axes)
+        + ([NamedSharding(mesh, P())] if checked else []),
         donate_argnums=tuple(n_consts + i for i in donate),
     )
-
-
-def _fixed(mesh: Mesh, specs) -> tuple:
-    """`in_shardings` that fix each input's layout (see the module's docstring)."""
-    return tuple(NamedSharding(mesh, s) for s in specs)
+    return traced_or_none(run, jaxpr, (None,) * n_consts + in_axes, mesh, axis_name)
 
 
 # Operations whose meaning depends on the mesh, whatever axes their parameters name.
@@ -246,6 +239,11 @@ def _shardings(mesh: Mesh, axis_name, axes) -> list[NamedSharding]:
     return out
 
 
+def _inputs(mesh: Mesh, axis_name, n_consts: int, in_axes) -> tuple:
+    """`in_shardings` that fix the layout of each constant (replicated) and input."""
+    return tuple(_shardings(mesh, axis_name, (None,) * n_consts + tuple(in_axes)))
+
+
 def _global_struct(aval, axis, n: int, sharding) -> jax.ShapeDtypeStruct:
     shape = list(aval.shape)
     if axis is not None:
@@ -275,22 +273,32 @@ def _batched(
         out_axes=[a for _, a in outputs],
         axis_size=mesh.shape[axis_name],
     )
-    in_shardings = _shardings(mesh, axis_name, all_axes)
     run = jax.jit(
         _gated(mapped),
-        in_shardings=tuple(in_shardings) if fix_inputs else None,
+        in_shardings=_inputs(mesh, axis_name, n_consts, in_axes)
+        if fix_inputs
+        else None,
         out_shardings=_shardings(mesh, axis_name, [a for _, a in outputs]),
         donate_argnums=tuple(n_consts + i for i in donate),
     )
+    return traced_or_none(run, jaxpr, all_axes, mesh, axis_name)
+
+
+def traced_or_none(run, jaxpr, all_axes, mesh: Mesh, axis_name):
+    """`run` once it has traced on the global inputs of `jaxpr` (constants, then inputs,
+    laid out along `all_axes`), a trace JAX keeps for the first call; None if the trace
+    fails, for any reason: the caller's general program runs it instead."""
     n = mesh.shape[axis_name]
     structs = [
         _global_struct(v.aval, a, n, s)
-        for v, a, s in zip(jaxpr.invars, all_axes, in_shardings, strict=True)
+        for v, a, s in zip(
+            jaxpr.invars, all_axes, _shardings(mesh, axis_name, all_axes), strict=True
+        )
     ]
     try:
         with tracing_allowed():
-            run.trace(*structs)  # JAX keeps this trace for the first call
-    except Exception:  # any failure: the general program runs it instead
+            run.trace(*structs)
+    except Exception:  # noqa: BLE001 - the general program is the fallback
         return None
     return run
 

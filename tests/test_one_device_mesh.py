@@ -126,18 +126,25 @@ def test_the_runtime_check_and_donation_work_on_one_device():
         step(y)
 
 
+def test_a_program_that_does_not_trace_is_not_used():
+    from eqx_pmapstate import _program  # noqa: PLC0415
+
+    def refuses(*xs):
+        raise NotImplementedError("no batching rule")
+
+    run = jax.jit(_program._gated(refuses))
+    jaxpr = jax.make_jaxpr(lambda x: x)(jnp.ones(2)).jaxpr
+    assert _program.traced_or_none(run, jaxpr, (0,), ONE, "devices") is None
+    accepts = jax.jit(_program._gated(lambda x: x))
+    assert _program.traced_or_none(accepts, jaxpr, (0,), ONE, "devices") is accepts
+
+
 def test_a_program_vmap_cannot_trace_falls_back_to_shard_map(monkeypatch):
     # A collective without a rule for `jax.vmap` (none of those tested has one
     # missing today): the program of `shard_map` is used, with the same result.
     from eqx_pmapstate import _program  # noqa: PLC0415
 
-    def no_rule(*args, **kwargs):
-        def refuses(*xs):
-            raise NotImplementedError("no batching rule")
-
-        return jax.jit(_program._gated(refuses))
-
-    monkeypatch.setattr(_program, "one_device", no_rule)
+    monkeypatch.setattr(_program, "_one_device", lambda *args: None)
     ep.clear_caches()
 
     def step(w, x):
