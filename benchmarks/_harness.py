@@ -135,13 +135,17 @@ def interleaved(
     runs: Mapping[str, Callable[[], object]], rounds: int, per_round: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per unit of work of each run, one entry per round: every round calls
-    each run once, in turn, so that a slow spell of the machine hits all of them. A run
+    each run once, in turn, so that a slow spell of the machine hits all of them. The
+    order rotates from round to round, so that each run follows each other one as
+    often (a run that follows a heavy one finds the processor's caches cold). A run
     does `per_round` units (calls, steps) and waits for its results before it returns."""
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(rounds):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             t0 = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append((time.perf_counter() - t0) / per_round)
     return times
 

@@ -110,7 +110,8 @@ register_with_jax_clear_caches(programs, "eqx_pmapstate compiled programs")
 def clear_caches() -> None:
     """Drops every program this library compiled and cached, and empties its other
     stores: each `pmap2` function's shortcuts and compile log, the meshes it made,
-    `Map`'s functions, and what it memoised about code objects.
+    `Map`'s functions, what it memoised about code objects, and the leaves of the
+    modules its functions returned.
 
     `jax.clear_caches()` does the same (and clears JAX's own caches). Programs are
     otherwise kept until their least recent use is among the oldest of

@@ -90,10 +90,15 @@ class Compiled:
         return self.assemble(dyn, outs), flags
 
     def assemble(self, dyn, outs):
+        return self.treedef.unflatten(self.out_leaves(dyn, outs))
+
+    def out_leaves(self, dyn, outs) -> Sequence:
+        """The flat output leaves, in order: the program's outputs `outs`, the inputs
+        `dyn` handed back, the statics, and the zero-size arrays made here."""
         if self._only_arrays:
-            return self.treedef.unflatten(outs)
+            return outs
         if self._pick is not None:  # no zero-size array to make
-            return self.treedef.unflatten(self._pick([*outs, *dyn, *self._statics]))
+            return self._pick([*outs, *dyn, *self._statics])
         leaves = self._template.copy()
         for i, k in self._at["array"]:
             leaves[i] = outs[k]
@@ -101,7 +106,7 @@ class Compiled:
             leaves[i] = dyn[j]
         for i, (shape, dtype, sharding) in self._at["empty"]:
             leaves[i] = jax.device_put(np.zeros(shape, dtype), sharding)
-        return self.treedef.unflatten(leaves)
+        return leaves
 
     def abstract(self, dyn: Sequence):
         """The output tree with every array replaced by its `jax.ShapeDtypeStruct`

@@ -5,7 +5,8 @@ A store registers a callable that empties it. `_cache.ProgramCache.cache_clear`,
 both of those call, calls each one. The stores are the compiled programs (`_cache`),
 each `pmap2` function's fast path and compile log (listeners of `_cache`), the meshes
 (`_mesh`), `Map`'s `pmap2` functions (`_map`), what a code object reads and assigns
-(`_keys`) and the array types seen (`_pmap2`). Not a store: `_registry`, which records
+(`_keys`), the array types seen (`_pmap2`) and the leaves of the modules `pmap2`
+returned (`_pmap2._memo`). Not a store: `_registry`, which records
 the batch axis of live arrays made on one device (a fact about each array, held weakly
 and dropped with it; clearing it would lose their layout).
 """

@@ -162,15 +162,21 @@ def test_the_fast_path_never_outlives_the_cache(monkeypatch):
 
 def test_clear_caches_empties_every_store():
     from eqx_pmapstate import _keys, _map, _mesh, _stores
+    from eqx_pmapstate._pmap2 import _memo
 
     assert set(_stores.store_names()) >= {
         "meshes",
         "Map's pmap2 functions",
         "what code objects read and assign",
         "array types",
+        "the leaves of returned modules",
     }
     for clear in (ep.clear_caches, jax.clear_caches):
         ep.pmap2(lambda x: x * 2)(jnp.ones((8, 2)))
+        returned = ep.pmap2(lambda m: m, in_axes=0)(
+            _Scale(ep.ParamState(jnp.ones((8, 2))))
+        )
+        assert id(returned) in _memo._MEMO
         ep.Map(_Scale(), init_map_size=8, behavior="pmap").init_all_states()(
             jnp.ones((8, 2))
         )
@@ -181,6 +187,7 @@ def test_clear_caches_empties_every_store():
         assert _map._mapped_apply.cache_info().currsize == 0
         assert _keys._names_read.cache_info().currsize == 0
         assert programs.cache_info().currsize == 0
+        assert not _memo._MEMO
 
 
 def test_the_meshes_kept_are_bounded():

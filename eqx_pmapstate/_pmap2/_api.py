@@ -21,6 +21,7 @@ from .._mesh import resolve_mesh
 from .._program import tracing_allowed
 from .._trace import active_axis
 from .._tree import is_arraylike
+from . import _memo
 from ._axes import check_axes_spec
 from ._dispatch import Entry, Fast, Lowered, make_quick, MISS, run_entry, STALE_LIMIT
 from ._inputs import code_of, is_callable_tree, read_inputs, signature, where
@@ -114,17 +115,19 @@ class Pmap2:
         return (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
 
     def __call__(self, *args, **kwargs):
-        leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
-        quick = self._quick.get(treedef)
+        tree = (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
+        items, shape = _memo.flatten(tree)
+        quick = self._quick.get(shape)
         if quick is not None:
-            out = quick(leaves)
+            out = quick(items)
             if out is not MISS:
                 return out
-        return self._call(args, kwargs, leaves, treedef)
+        return self._call(args, kwargs, shape, tree)
 
-    def _call(self, args, kwargs, leaves, treedef):
+    def _call(self, args, kwargs, shape, tree):
         """The full path: the signature, its entry (made on a miss), the call, and the
         `Quick` record for the next call of this structure."""
+        leaves, treedef = jtu.tree_flatten(tree)
         sig = (treedef, signature(leaves))
         fast = self._fast.get(sig)
         if fast is None or not fast.valid():
@@ -132,23 +135,26 @@ class Pmap2:
         entry = fast.entry
         with tracing_allowed():
             out = run_entry(entry, entry.dyn_of(leaves), entry.compiled.run)
-        self._keep_quick(treedef, leaves, fast)
+        self._keep_quick(shape, tree, leaves, fast)
         return out
 
-    def _keep_quick(self, treedef, leaves, fast: Fast) -> None:
-        old = self._quick.get(treedef)
+    def _keep_quick(self, shape, tree, leaves, fast: Fast) -> None:
+        old = self._quick.get(shape)
         if old is not None and old.entry is not fast.entry:
             # Another signature for this structure: a shape or layout that changes
             # from call to call. Past a few, each quick call would only trace in vain.
-            self._replaced[treedef] = self._replaced.get(treedef, 0) + 1
-        if self._replaced.get(treedef, 0) >= STALE_LIMIT:
-            self._quick.pop(treedef, None)
+            self._replaced[shape] = self._replaced.get(shape, 0) + 1
+        if self._replaced.get(shape, 0) >= STALE_LIMIT:
+            self._quick.pop(shape, None)
             return
-        quick = make_quick(fast.entry, leaves, fast.guards)
+        items, now = _memo.flatten(tree)
+        quick = None
+        if now == shape:
+            quick = make_quick(fast.entry, items, leaves, fast.guards)
         if quick is None:
-            self._quick.pop(treedef, None)
+            self._quick.pop(shape, None)
         else:
-            self._quick[treedef] = quick
+            self._quick[shape] = quick
 
     def lower(self, *args, **kwargs) -> Lowered:
         """Lowers the program for these arguments, as `jax.jit(f).lower(...)` does.
@@ -268,6 +274,7 @@ class Pmap2:
             paths,
             self._check,
             self.axis_name,
+            _memo.plan_of(compiled.treedef),
         )
         return entry, program.cacheable
 

@@ -21,6 +21,7 @@ from .._jax_compat import Tracer
 from .._keys import Guard
 from .._layout import CheckMode, output_name
 from .._program import Stale
+from . import _memo
 from ._inputs import CONCRETE, signature, where
 
 
@@ -34,6 +35,7 @@ class Entry(NamedTuple):
     paths: tuple  # the key path of each dynamic input, for messages
     check: CheckMode  # the `check_replicated` mode
     axis_name: str  # the step's axis, for messages
+    memo: _memo.Plan | None  # the modules among the outputs to remember
 
     def dyn_of(self, leaves: Sequence) -> Sequence:
         """The dynamic inputs among a call's flat leaves."""
@@ -142,7 +144,10 @@ def finish(entry: Entry, dyn: Sequence, outs: Sequence):
             bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
             if bad:
                 raise differing_outputs(bad, entry.axis_name)
-    return compiled.assemble(dyn, outs)
+    leaves = compiled.out_leaves(dyn, outs)
+    tree = compiled.treedef.unflatten(leaves)
+    _memo.remember(entry.memo, tree, leaves)
+    return tree
 
 
 MISS = object()  # `Quick` could not serve the call: take the full path
@@ -163,44 +168,44 @@ class Quick:
     """The steady-state call of one input structure: what the full path found for it
     last, with the arrays' checks left to `jax.jit`'s C++ dispatch.
 
-    It serves a call whose flat inputs have the same tree structure (the dict key it is
-    kept under), the same static leaves (the same objects), the same globals and cells
-    read by the function (the same objects), and whose array leaves are all concrete
-    `jax.Array`s (no tracer, no host array). It reads nothing of the arrays themselves
-    (reading an array's layout or abstract value from Python costs a few hundred
-    nanoseconds per array on a step's fresh outputs). The program was compiled with
-    the input layouts fixed (`in_shardings`), and is called outside
-    `tracing_allowed()`: an array of another shape, dtype or weak type, or one not
-    committed to a layout, makes `jax.jit` trace again, which raises `Stale`; one
-    committed to another layout makes it raise `ValueError`; both before anything
-    runs, and the call takes the full path, which reads and checks every input. Nothing
-    it holds is a cache key: it is replaced by the full path's next call.
+    It is kept under the structure `_memo.flatten` gives the call's inputs (down to
+    the modules an earlier call returned, which are single items there), and serves a
+    call whose items are, at the same positions, remembered modules of the same
+    structures (`_memo.expand` splices their leaves in), whose static leaves are the
+    same objects, whose function reads the same globals and cells (the same objects),
+    and whose array leaves are all concrete `jax.Array`s (no tracer, no host array).
+    It reads nothing of the arrays themselves (reading an array's layout or abstract
+    value from Python costs a few hundred nanoseconds per array on a step's fresh
+    outputs). The program was compiled with the input layouts fixed
+    (`in_shardings`), and is called outside `tracing_allowed()`: an array of another
+    shape, dtype or weak type, or one not committed to a layout, makes `jax.jit` trace
+    again, which raises `Stale`; one committed to another layout makes it raise
+    `ValueError`; both before anything runs, and the call takes the full path, which
+    reads and checks every input. Nothing it holds is a cache key: it is replaced by
+    the full path's next call.
     """
 
-    __slots__ = ("entry", "_statics_of", "_statics", "_dyn_of", "_dicts", "_cells")
+    __slots__ = (
+        "entry",
+        "_known",
+        "_statics_of",
+        "_statics",
+        "_dyn_of",
+        "_dicts",
+        "_cells",
+    )
 
-    def __init__(self, entry: Entry, statics_of, statics, dicts, cells):
+    def __init__(self, entry: Entry, known, statics_of, statics, dicts, cells):
         self.entry = entry
+        self._known = known  # `_memo.known_at` of the items it was made from
         self._dyn_of = _engine.getter(entry.dyn_index)
         self._statics_of, self._statics = statics_of, statics
         self._dicts, self._cells = dicts, cells
 
-    def __call__(self, leaves: Sequence):
-        if not all(map(operator.is_, self._statics_of(leaves), self._statics)):
+    def __call__(self, items: list):
+        leaves = _memo.expand(items, self._known) if self._known else items
+        if leaves is None or not self._same_statics(leaves):
             return MISS
-        for get, namespace, seen in self._dicts:
-            try:
-                now = get(namespace)
-            except KeyError:
-                return MISS
-            if not all(map(operator.is_, now, seen)):
-                return MISS
-        for cell, seen in self._cells:
-            try:
-                if cell.cell_contents is not seen:
-                    return MISS
-            except ValueError:  # emptied
-                return MISS
         dyn = self._dyn_of(leaves)
         if not set(map(type, dyn)) <= CONCRETE:
             return MISS
@@ -214,11 +219,34 @@ class Quick:
             return MISS
         return finish(entry, dyn, outs)
 
+    def _same_statics(self, leaves: Sequence) -> bool:
+        """Whether the static leaves, and the globals and cells the function reads,
+        are the objects they were."""
+        if not all(map(operator.is_, self._statics_of(leaves), self._statics)):
+            return False
+        for get, namespace, seen in self._dicts:
+            try:
+                now = get(namespace)
+            except KeyError:
+                return False
+            if not all(map(operator.is_, now, seen)):
+                return False
+        for cell, seen in self._cells:
+            try:
+                if cell.cell_contents is not seen:
+                    return False
+            except ValueError:  # emptied
+                return False
+        return True
 
-def make_quick(entry: Entry, leaves: Sequence, guards: Sequence[Guard]) -> Quick | None:
-    """A `Quick` record for `entry` as the full path just called it with `leaves`, or
-    None when such a call cannot be served that way (host inputs to place, a tracer, a
-    constant that is a tracer, a guarded object that has died)."""
+
+def make_quick(
+    entry: Entry, items: Sequence, leaves: Sequence, guards: Sequence[Guard]
+) -> Quick | None:
+    """A `Quick` record for `entry` as the full path just called it with `leaves`
+    (`items` as `_memo.flatten` gave them), or None when such a call cannot be served
+    that way (host inputs to place, a tracer, a constant that is a tracer, a guarded
+    object that has died)."""
     compiled = entry.compiled
     if entry.put or compiled.in_shardings is None:
         return None  # inputs to place; or an ensemble's program, whose are not fixed
@@ -245,4 +273,10 @@ def make_quick(entry: Entry, leaves: Sequence, guards: Sequence[Guard]) -> Quick
         (_engine.getter(names), namespace, tuple(seen))
         for namespace, names, seen in dicts.values()
     )
-    return Quick(entry, _engine.getter(static_at), statics, checks, tuple(cells))
+    known = _memo.known_at(items)
+    spliced = _memo.expand(list(items), known)
+    if spliced is None or len(spliced) != len(leaves):
+        return None
+    if not all(map(operator.is_, spliced, leaves)):
+        return None  # (a module remembered since the call began)
+    return Quick(entry, known, _engine.getter(static_at), statics, checks, tuple(cells))
