@@ -86,8 +86,10 @@ def _given_mesh(mesh: Mesh, axis_size, axis_name: str) -> tuple[Mesh, int]:
 def _too_many(n: int, where: str, available: int) -> ValueError:
     return ValueError(
         f"`axis_size={n}` is larger than the number of {where}, which is {available}. "
-        f"Use an axis_size of at most {available}, or `vmap2_new_states` to stack more "
-        "members than there are devices."
+        f"Use an axis_size of at most {available}, `vmap2_new_states` to stack more "
+        "members than there are devices, or `eval_new_states` for the shapes and "
+        "layouts of states made for more devices (to restore a checkpoint into them "
+        "elsewhere), which creates nothing."
     )
 
 

@@ -221,3 +221,26 @@ def test_only_modules_whose_every_node_is_frozen_are_planned():
     assert _memo.plan_of(jtu.tree_structure((1.0, {"a": 2.0}))) is None
     box = Box([jnp.ones(1)], jnp.ones(()))
     assert _memo.plan_of(jtu.tree_structure(box)) is None
+
+
+def _nested(leaf, depth: int):
+    for _ in range(depth):
+        leaf = (leaf,)
+    return leaf
+
+
+def test_structures_nested_as_deep_as_jax_flattens_them():
+    module = One(_rep(jnp.ones(2)))
+    depth, structure = 0, jtu.tree_structure(module)
+    while depth < 3000:  # as deep as `jax.tree_util` flattens from here
+        try:
+            structure = jtu.tree_structure(_nested(module, depth + 50))
+        except (RecursionError, SystemError):
+            break
+        depth += 50
+    assert depth > 300
+    plan = _memo.plan_of(structure)  # deeper than it recurses: nothing remembered
+    assert plan is None or plan.at[0][2:] == (0, 1)
+    step = ep.pmap2(lambda t: _map(lambda a: a + 1.0, t))
+    out = step(step(_nested(module, depth - 200)))  # a call adds frames
+    np.testing.assert_allclose(jtu.tree_leaves(out)[0], np.full(2, 3.0))

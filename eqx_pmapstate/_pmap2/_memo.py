@@ -119,11 +119,13 @@ def plan_of(treedef: TreeDef) -> Plan | None:
     """The `Plan` of outputs of structure `treedef`; None when there is no module in
     them to remember."""
     kinds: set[type] = set()
-    _collect(treedef, kinds)
-    if not kinds:
-        return None
     at: list = []
-    _walk(treedef, kinds, at, [0, 0])
+    try:
+        _collect(treedef, kinds)
+        if kinds:
+            _walk(treedef, kinds, at, [0, 0])
+    except RecursionError:  # a structure nested deeper than Python recurses
+        return None
     if not at:
         return None
     stop = functools.partial(_is_kind, frozenset(kinds))
