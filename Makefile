@@ -125,6 +125,7 @@ $(FIGURES_STAMP): $(DOCS_VENV)/.installed
 figures: $(FIGURES_STAMP)
 	MPLBACKEND=Agg $(DOCS_VENV)/bin/python docs/scripts/axes_figure.py
 	MPLBACKEND=Agg $(DOCS_VENV)/bin/python benchmarks/plot_results.py
+	MPLBACKEND=Agg $(DOCS_VENV)/bin/python docs/scripts/zero_figure.py --from-json
 	MPLBACKEND=Agg $(DOCS_VENV)/bin/python examples/train_data_parallel.py --plot docs/figures/loss.png
 
 clean:
