@@ -87,7 +87,7 @@ def _time_calls(jax, call, make_inputs, repeats: int, summarize):
     before the next call, so that no call pays for memory still held by an earlier one."""
     import gc
 
-    times, cpu, summary = [], [], None
+    times, cpu, summary = [], [], {}
     for i in range(repeats + 1):
         inputs = jax.block_until_ready(make_inputs(i))
         gc.collect()
@@ -162,7 +162,7 @@ def variant_b(args) -> dict:
 def variant_c(args) -> dict:
     jax = _setup_jax(args.devices)
     try:
-        import brainstate
+        import brainstate  # pyright: ignore[reportMissingImports]
     except ImportError as e:
         return {"skipped": f"{e}, under {sys.executable}"}
 
@@ -217,7 +217,7 @@ def _run_child(variant: str, args, python: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument(
         "--states", type=int, default=200, help="number of states (default 200)"
     )

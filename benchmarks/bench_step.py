@@ -40,6 +40,7 @@ def timed(fns, repeats, calls):
 
     def round_of(f):
         def run():
+            out = None
             for _ in range(calls):
                 out = f()
             jax.block_until_ready(out)

@@ -140,13 +140,25 @@ def replicate(tree, mesh):
     return eqx.combine(jax.device_put(arrays, NamedSharding(mesh, P())), static)
 
 
+def _mlp(kw: dict, key) -> eqx.nn.MLP:
+    """The benchmark's MLP of the sizes `kw` (one of `SIZES`)."""
+    return eqx.nn.MLP(
+        kw["in_size"],
+        kw["out_size"],
+        kw["width_size"],
+        kw["depth"],
+        activation=jax.nn.relu,
+        key=key,
+    )
+
+
 def make_problem(size: str, batch: int) -> Problem:
     mesh = make_mesh()
     n = mesh.size
     if batch % n:
         raise SystemExit(f"--batch {batch} is not a multiple of the {n} devices.")
     kw = SIZES[size]
-    model = eqx.nn.MLP(**kw, activation=jax.nn.relu, key=jax.random.key(0))
+    model = _mlp(kw, jax.random.key(0))
     optimizer = optax.adam(LEARNING_RATE)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     rng = np.random.default_rng(0)
@@ -251,7 +263,7 @@ def _params_of(model):
 
 def run_steps(r: Runner, model, opt_state, k: int):
     """The user's loop, `k` steps, then waits for the results."""
-    step, x, y = r.step, r.x, r.y
+    step, x, y, loss = r.step, r.x, r.y, None
     for _ in range(k):
         model, opt_state, loss = step(model, opt_state, x, y)
     return jax.block_until_ready((model, opt_state, loss))
@@ -297,7 +309,8 @@ def time_steps(runners: dict, states: dict, rounds: int, k: int) -> dict:
 
     def one_round(name: str, r: Runner) -> Callable[[], None]:
         def run():  # the user's loop goes on from the state the last round reached
-            states[name] = run_steps(r, *states[name], k)[:2]
+            model, opt_state = states[name]
+            states[name] = run_steps(r, model, opt_state, k)[:2]
 
         return run
 
@@ -526,7 +539,7 @@ def to_json(per_step: dict, all_rows: dict, args, head: dict) -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument(
         "--sizes",
         nargs="+",
@@ -664,7 +677,7 @@ def zero_problem(size: str, batch: int):
 
     kw = (SIZES | ZERO_SIZES)[size]
     model = ep.pmap2_new_states(
-        lambda key: eqx.nn.MLP(**kw, activation=jax.nn.relu, key=key),
+        lambda key: _mlp(kw, key),
         {"key": jax.random.key(0)},
         state_out_axes={None: eqx.is_inexact_array},
     )
@@ -704,6 +717,7 @@ def time_zero(runs: dict, x, y, args) -> dict:
 
     def one_round(r: list) -> Callable[[], None]:
         def run():  # `r` is `[step, model, opt_state]`, updated in place
+            loss = None
             for _ in range(args.steps_per_round):
                 r[1], r[2], loss = r[0](r[1], r[2], x, y)
             jax.block_until_ready((r[1], r[2], loss))

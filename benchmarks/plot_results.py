@@ -156,10 +156,10 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
 
-    import matplotlib
+    import matplotlib  # pyright: ignore[reportMissingImports]
 
     matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pyright: ignore[reportMissingImports]
 
     panels = []
     for name in ("bench_train_cpu.json", "bench_train_gpu.json"):
