@@ -78,9 +78,11 @@ def test_a_training_loop_matches_jax_jit_and_passes_its_modules_back_unflattened
     opt_state = _map(_rep, opt.init(eqx.filter(model, eqx.is_array)))
     ref = (model, opt_state)
     x, y = _split(xs), _split(ys)
+    before = len(_memo._MEMO)
     for _ in range(6):
         model, opt_state = step(model, opt_state, x, y)
         ref = floor(*ref, xs, ys)
+    assert len(_memo._MEMO) == before + 3  # this step's only: the rest died
     # The model, and Adam's two moments (modules of the model's structure), are items.
     assert _items((model, opt_state)) < len(jtu.tree_leaves((model, opt_state))) - 10
     # The first call's structure, and the loop's: model and moments as items.
