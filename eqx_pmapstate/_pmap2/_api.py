@@ -343,7 +343,11 @@ def pmap2(
     decided from that one trace, and the program is compiled from it. Compiled programs
     are kept in the library's cache, so a new `pmap2(fun)` of the same function (or of
     an equal one: the same code, closure and globals) reuses them; `jax.clear_caches()`
-    or [`eqx_pmapstate.clear_caches`][] drops them.
+    or [`eqx_pmapstate.clear_caches`][] drops them. The modules a call returns are not
+    flattened again when they come back (the model and the optimizer state of a
+    training loop): the library keeps their flat leaves until the module dies. This
+    relies on Equinox modules being frozen; a module holding a list or a dict is
+    flattened at every call, so that a change made to it in place is seen.
 
     Inside `jax.jit`, `jax.grad` or `jax.vmap`, the inputs are tracers whose layout cannot
     be read: give their axes with `in_axes` (None for a replicated parameter, 0 for data
