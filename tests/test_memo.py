@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate._pmap2 import _memo
+from eqx_pmapstate.filters import OfType
 
 
 MESH = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -246,3 +247,58 @@ def test_structures_nested_as_deep_as_jax_flattens_them():
     step = ep.pmap2(lambda t: _map(lambda a: a + 1.0, t))
     out = step(step(_nested(module, depth - 200)))  # a call adds frames
     np.testing.assert_allclose(jtu.tree_leaves(out)[0], np.full(2, 3.0))
+
+
+class _BNNet(eqx.Module):
+    linear: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 4, key=key)
+        self.bn = eqx.nn.BatchNorm(4, axis_name=("batch", "devices"), mode="batch")
+
+    def __call__(self, x, state):
+        return self.bn(self.linear(x), state)
+
+
+def _fresh(tree):
+    """The same leaves in new objects: nothing in it was returned by a call."""
+    return jtu.tree_map(lambda a: a, tree)
+
+
+@jax.numpy_dtype_promotion("standard")  # optax mixes Python floats and int32 counts
+def test_batch_norm_training_is_bitwise_the_same_with_and_without_remembered_modules():
+    opt = optax.sgd(0.1)
+
+    @ep.pmap2
+    def step(model, state, opt_state, x):
+        def loss(model, state):
+            out, state = jax.vmap(
+                model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+            )(x, state)
+            return jnp.mean(out**2), state
+
+        (value, state), grads = eqx.filter_value_and_grad(loss, has_aux=True)(
+            model, state
+        )
+        grads = jax.lax.pmean(grads, "devices")
+        updates, opt_state = opt.update(grads, opt_state)
+        return eqx.apply_updates(model, updates), state, opt_state, value
+
+    model, state = ep.pmap2_new_states(
+        eqx.nn.make_with_state(_BNNet),
+        {"key": jax.random.key(0)},
+        state_out_axes={0: OfType(eqx.nn.State), None: ...},
+    )
+    opt_state = _map(_rep, opt.init(eqx.filter(model, eqx.is_array)))
+    xs = _split(jax.random.normal(jax.random.key(1), (8, 5, 3)))
+    kept = (model, state, opt_state)
+    fresh = (_fresh(model), _fresh(state), _fresh(opt_state))
+    for _ in range(5):
+        *kept, loss_kept = step(*kept, xs)
+        *fresh, loss_fresh = step(*(_fresh(t) for t in fresh), xs)
+        np.testing.assert_array_equal(loss_kept, loss_fresh)
+    assert id(kept[0]) in _memo._MEMO
+    for a, b in zip(jtu.tree_leaves(kept), jtu.tree_leaves(fresh)):
+        if eqx.is_array(a):
+            np.testing.assert_array_equal(a, b)
