@@ -115,16 +115,16 @@ class Pmap2:
         return (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
 
     def __call__(self, *args, **kwargs):
-        tree = (args, kwargs, self.fun) if self._fun_tree else (args, kwargs)
+        tree = self._tree(args, kwargs)
         items, shape = _memo.flatten(tree)
         quick = self._quick.get(shape)
         if quick is not None:
             out = quick(items)
             if out is not MISS:
                 return out
-        return self._call(args, kwargs, shape, tree)
+        return self._call(args, kwargs, tree, items, shape)
 
-    def _call(self, args, kwargs, shape, tree):
+    def _call(self, args, kwargs, tree, items, shape):
         """The full path: the signature, its entry (made on a miss), the call, and the
         `Quick` record for the next call of this structure."""
         leaves, treedef = jtu.tree_flatten(tree)
@@ -135,10 +135,10 @@ class Pmap2:
         entry = fast.entry
         with tracing_allowed():
             out = run_entry(entry, entry.dyn_of(leaves), entry.compiled.run)
-        self._keep_quick(shape, tree, leaves, fast)
+        self._keep_quick(shape, items, leaves, fast)
         return out
 
-    def _keep_quick(self, shape, tree, leaves, fast: Fast) -> None:
+    def _keep_quick(self, shape, items, leaves, fast: Fast) -> None:
         old = self._quick.get(shape)
         if old is not None and old.entry is not fast.entry:
             # Another signature for this structure: a shape or layout that changes
@@ -147,10 +147,7 @@ class Pmap2:
         if self._replaced.get(shape, 0) >= STALE_LIMIT:
             self._quick.pop(shape, None)
             return
-        items, now = _memo.flatten(tree)
-        quick = None
-        if now == shape:
-            quick = make_quick(fast.entry, items, leaves, fast.guards)
+        quick = make_quick(fast.entry, items, leaves, fast.guards)
         if quick is None:
             self._quick.pop(shape, None)
         else:

@@ -202,7 +202,7 @@ class Quick:
         self._statics_of, self._statics = statics_of, statics
         self._dicts, self._cells = dicts, cells
 
-    def __call__(self, items: list):
+    def __call__(self, items: Sequence):
         leaves = _memo.expand(items, self._known) if self._known else items
         if leaves is None or not self._same_statics(leaves):
             return MISS
@@ -274,7 +274,7 @@ def make_quick(
         for namespace, names, seen in dicts.values()
     )
     known = _memo.known_at(items)
-    spliced = _memo.expand(list(items), known)
+    spliced = _memo.expand(items, known)
     if spliced is None or len(spliced) != len(leaves):
         return None
     if not all(map(operator.is_, spliced, leaves)):

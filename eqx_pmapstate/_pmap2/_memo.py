@@ -74,10 +74,11 @@ def known_at(items: Sequence) -> tuple[tuple[int, TreeDef], ...]:
     return tuple(reversed(found))
 
 
-def expand(items: list, known: Sequence[tuple[int, TreeDef]]) -> list | None:
-    """`items` with the leaves of the remembered module at each of the `known`
-    positions (`known_at`) spliced in: the flat leaves of the inputs. None when an
-    item there is not a remembered module of that structure. Changes `items`."""
+def expand(items: Sequence, known: Sequence[tuple[int, TreeDef]]) -> list | None:
+    """A copy of `items` with the leaves of the remembered module at each of the
+    `known` positions (`known_at`) spliced in: the flat leaves of the inputs. None when
+    an item there is not a remembered module of that structure."""
+    leaves = list(items)
     for i, treedef in known:
         x = items[i]
         record = _MEMO.get(id(x))
@@ -85,8 +86,8 @@ def expand(items: list, known: Sequence[tuple[int, TreeDef]]) -> list | None:
             return None
         if record.treedef is not treedef and record.treedef != treedef:
             return None
-        items[i : i + 1] = record.leaves
-    return items
+        leaves[i : i + 1] = record.leaves
+    return leaves
 
 
 class Plan(NamedTuple):
