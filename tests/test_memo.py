@@ -180,10 +180,13 @@ def test_threads_each_passing_back_their_own_model():
     grow = ep.pmap2(lambda m, k: _map(lambda a: a + k, m))
     results = {}
 
+    # Each thread waits for its result: with several programs over the 8 CPU devices
+    # in flight from different threads, XLA's CPU runtime can hang (plain `jax.jit` too,
+    # JAX 0.10.2 and 0.12.1; not with one in flight per thread).
     def loop(seed):
         model, k = _model(seed), _rep(jnp.asarray(float(seed)))
         for _ in range(20):
-            model = grow(model, k)
+            model = jax.block_until_ready(grow(model, k))
         results[seed] = model
 
     threads = [threading.Thread(target=loop, args=(s,)) for s in range(4)]

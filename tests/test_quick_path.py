@@ -210,9 +210,12 @@ def test_threads_share_a_pmap2_function():
     xs = [_put(jnp.full((8, 2), float(i)), P("devices")) for i in range(8)]
     results: dict = {}
 
+    # Each thread waits for its result: with several programs over the 8 CPU devices
+    # in flight from different threads, XLA's CPU runtime can hang (plain `jax.jit` too,
+    # JAX 0.10.2 and 0.12.1; not with one in flight per thread).
     def work(i):
         for _ in range(20):
-            results[i] = step(xs[i], w)
+            results[i] = jax.block_until_ready(step(xs[i], w))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:

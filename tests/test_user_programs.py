@@ -207,8 +207,9 @@ def test_no_process_wide_patch_reaches_another_thread():
         target=lambda: results.extend(gathered_grad() for _ in range(20))
     )
     worker.start()
-    for i in range(10):
-        ep.pmap2(lambda x, i=i: jax.lax.all_gather(x, "devices") * i)(jnp.ones((N, 2)))
+    for i in range(10):  # each waited for: see `test_quick_path`'s threads
+        f = ep.pmap2(lambda x, i=i: jax.lax.all_gather(x, "devices") * i)
+        jax.block_until_ready(f(jnp.ones((N, 2))))
     worker.join()
     for r in results:
         np.testing.assert_array_equal(r, expected)
