@@ -1,14 +1,18 @@
 """Per-call time of a trivial training-like step over many small arrays, on 8 CPU devices.
 
-Compares `eqx_pmapstate.pmap2` (its replication proof, and the opt-in run-time check) with the floor,
-`jax.jit` on the same sharded arrays, and with `jax.jit(jax.shard_map(...))` and
-`eqx.filter_pmap`. Calls are interleaved and each figure is a median over repeats; the
-ratios to the floor are what matter. Run: `.venv/bin/python benchmarks/bench_step.py`;
-`--json PATH` also writes the results (the machine, the settings, every time in seconds
-and its ratio to the floor) as JSON, for `benchmarks/plot_results.py`.
+Compares `eqx_pmapstate.pmap2` (its replication proof, and the opt-in run-time check)
+with the floor, `jax.jit` on the same sharded arrays, and with
+`jax.jit(jax.shard_map(...))` and `eqx.filter_pmap`. Calls are interleaved and each
+figure is a median over repeats; the ratios to the floor are what matter. Then the first
+call (trace, compile, run) of `x + 1` on `--first-calls` leaf counts, each in a fresh
+process, the floor and `pmap2` interleaved. Run: `.venv/bin/python
+benchmarks/bench_step.py`; `--json PATH` also writes the results (the machine, the
+settings, every time in seconds and its ratio to the floor) as JSON, for
+`benchmarks/plot_results.py`.
 """
 
 import argparse
+import statistics
 import sys
 
 import _harness
@@ -124,6 +128,77 @@ def bench_check(n_leaves, repeats, calls):
     )
 
 
+FIRST_VARIANTS = ("jax.jit (floor)", "pmap2")
+FIRST_CALL_TARGET = 1.1  # pmap2's first call, at most this times the floor's
+
+
+def first_call_child(variant: str, n_leaves: int) -> dict:
+    """The first call (trace, compile, run) of `x + 1` on `n_leaves` leaves in this
+    (fresh) process."""
+    mesh = mesh8()
+    per = NamedSharding(mesh, P("devices"))
+    xs = [jax.device_put(jnp.full((8, 16), float(i)), per) for i in range(n_leaves)]
+    jax.block_until_ready(xs)
+
+    def body(xs):
+        return [x + 1.0 for x in xs]
+
+    f = jax.jit(body) if variant == FIRST_VARIANTS[0] else ep.pmap2(body)
+    with _harness.Clock() as clock:
+        jax.block_until_ready(f(xs))
+    return {"wall": clock.wall, "cpu": clock.cpu}
+
+
+def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
+    """{leaves: {variant: {"wall": median, "cpu": median, "runs": [...]}}}: each first
+    call in a fresh process, the variants interleaved round by round."""
+    runs = {n: {v: [] for v in FIRST_VARIANTS} for n in sizes}
+    for rnd in range(rounds):
+        print(f"  first calls: round {rnd + 1} of {rounds}", flush=True)
+        for n in sizes:
+            for v in FIRST_VARIANTS:
+                argv = [__file__, "--first-call-child", v, "--leaves", str(n)]
+                runs[n][v].append(_harness.run_child(argv, timeout))
+    out = {}
+    for n, by_variant in runs.items():
+        out[n] = {}
+        for v, results in by_variant.items():
+            ok = [r for r in results if "error" not in r]
+            errors = [r["error"] for r in results if "error" in r]
+            out[n][v] = {
+                "wall": statistics.median(r["wall"] for r in ok) if ok else None,
+                "cpu": statistics.median(r["cpu"] for r in ok) if ok else None,
+                "runs": results,
+                "error": errors[0] if errors else None,
+            }
+        for v in FIRST_VARIANTS:
+            for clock in ("wall", "cpu"):
+                mine, floor = out[n][v][clock], out[n][FIRST_VARIANTS[0]][clock]
+                out[n][v][f"ratio_{clock}"] = (
+                    None if mine is None or floor is None else mine / floor
+                )
+    return out
+
+
+def print_first_calls(firsts: dict, rounds: int) -> None:
+    print(
+        f"\nFirst call (trace, compile, run) of `x + 1`, median of {rounds} fresh "
+        "process(es) per variant; wall and CPU time:"
+    )
+    floor, ours = FIRST_VARIANTS
+    for n, r in firsts.items():
+        if r[floor]["error"] or r[ours]["error"]:
+            print(f"  {n:>6} leaves: FAILED: {r[floor]['error'] or r[ours]['error']}")
+            continue
+        print(
+            f"  {n:>6} leaves: floor {r[floor]['wall']:7.2f} s (CPU "
+            f"{r[floor]['cpu']:7.2f} s), pmap2 {r[ours]['wall']:7.2f} s (CPU "
+            f"{r[ours]['cpu']:7.2f} s): {r[ours]['ratio_wall']:5.2f}x "
+            f"(CPU {r[ours]['ratio_cpu']:5.2f}x)"
+        )
+    print(f"  target: pmap2 at most {FIRST_CALL_TARGET}x the floor's first call")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--leaves", type=int, default=100)
@@ -131,9 +206,32 @@ def main():
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--scaling", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument(
+        "--first-calls",
+        type=int,
+        nargs="*",
+        default=[1000],
+        metavar="LEAVES",
+        help="leaf counts whose first call is timed in fresh processes (1000)",
+    )
+    parser.add_argument(
+        "--first-call-rounds",
+        type=int,
+        default=5,
+        help="fresh processes per variant and leaf count (5)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per child process"
+    )
+    parser.add_argument(
         "--json", metavar="PATH", help="also write the results as JSON to PATH"
     )
+    parser.add_argument(
+        "--first-call-child", choices=FIRST_VARIANTS, help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.first_call_child is not None:
+        _harness.report(first_call_child(args.first_call_child, args.leaves))
+        return
 
     res = bench_trivial(args.leaves, args.repeats, args.calls)
     base = res["jax.jit (floor)"]
@@ -173,6 +271,8 @@ def main():
             f"  {n:>6} leaves: floor {fl * 1e3:9.3f} ms ({fl / n * 1e6:6.2f} us/leaf), pmap2 "
             f"{ours * 1e3:9.3f} ms ({ours / n * 1e6:6.2f} us/leaf), {ours / fl:5.2f}x"
         )
+    firsts = bench_first_calls(args.first_calls, args.first_call_rounds, args.timeout)
+    print_first_calls(firsts, args.first_call_rounds)
     if args.json:
         results = {
             **_harness.record("bench_step", "benchmarks/bench_step.py", sys.argv[1:]),
@@ -181,6 +281,7 @@ def main():
                 "repeats": args.repeats,
                 "calls": args.calls,
                 "leaf_shape": [8, 16],
+                "first_call_rounds": args.first_call_rounds,
             },
             "floor": "jax.jit (floor)",
             "trivial": {k: {"call_s": v, "ratio": v / base} for k, v in res.items()},
@@ -192,6 +293,7 @@ def main():
                 }
                 for n, r in scaling.items()
             },
+            "first_call": {str(n): by for n, by in firsts.items()},
         }
         print()
         _harness.write_json(args.json, results)

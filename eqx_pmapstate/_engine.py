@@ -69,6 +69,42 @@ class Compiled:
             for kind in ("array", "pass", "empty")
         }
         self._pick, self._statics = _picker(plan, n_inputs)
+        self._loose: tuple = ()  # see `settle`
+        self._strict: Callable[[], Callable] | None = None
+
+    def leave_layouts(
+        self, loose: Sequence[tuple[int, NamedSharding]], strict: Callable[[], Callable]
+    ) -> None:
+        """Records that `run` leaves the layout of the program's outputs `loose`
+        (`(position, sharding)` pairs) to XLA, and how to make a program that names
+        them all (`strict`)."""
+        self._loose, self._strict = tuple(loose), strict
+
+    def exact_run(self) -> Any:
+        """A program that names the layout of every output: `run`, or one made for
+        compiling ahead of time, whose executable `settle` never sees."""
+        return self.run if self._strict is None else self._strict()
+
+    def settle(self, outs: Sequence) -> Sequence:
+        """`outs` (the program's outputs), each in the layout the plan gives it.
+
+        Naming an output's layout costs XLA compile time even where its propagation
+        would choose the same, so `run` leaves to it the outputs whose layout follows
+        from the inputs' (see `_loose`). This checks them; if XLA chose another layout
+        for one, that output is moved, and `run` becomes a program that names every
+        layout (compiled at the next call). Called after every run but the quick
+        path's, which runs only an executable checked here before."""
+        if not self._loose:
+            return outs
+        wrong = [(i, s) for i, s in self._loose if not _laid_out(outs[i], s)]
+        if not wrong:
+            return outs
+        outs = list(outs)
+        for i, sharding in wrong:
+            outs[i] = jax.device_put(outs[i], sharding)
+        assert self._strict is not None
+        self.run, self._loose, self._strict = self._strict(), (), None
+        return outs
 
     def const_values(self) -> list:
         return [c() for c in self.consts]
@@ -83,7 +119,7 @@ class Compiled:
 
     def __call__(self, dyn: Sequence) -> tuple[Any, Any]:
         with _program.tracing_allowed():
-            outs = self.run(*self.const_values(), *self.place(dyn))
+            outs = self.settle(self.run(*self.const_values(), *self.place(dyn)))
         flags = None
         if self.extra_out:
             *outs, flags = outs
@@ -125,6 +161,11 @@ class Compiled:
         """The key paths of the checked outputs whose flag is set (waits for the flags)."""
         bad = np.asarray(flags)
         return [p for p, b in zip(self.checked_paths, bad) if b]
+
+
+def _laid_out(x, sharding: NamedSharding) -> bool:
+    got = x.sharding
+    return got == sharding or got.is_equivalent_to(sharding, x.ndim)
 
 
 def _picker(plan, n_inputs: int) -> tuple[Callable | None, tuple]:
@@ -262,18 +303,27 @@ def build(
     donate: Sequence[int] = (),
     user_arrays: Set[int] = frozenset(),
     fix_inputs: bool = False,
+    varying: Sequence[bool] | None = None,
 ) -> tuple[Compiled, bool]:
     """Compiles the program for `traced` laid out by `layout`. Returns it and whether it
     may be cached. `fix_inputs`: the program's input layouts fixed (when no input is a
-    tracer)."""
+    tracer). `varying`: per jaxpr output, whether it may differ between devices (lets
+    XLA lay out the outputs whose layout follows from the inputs', see `_loose`)."""
     closed = traced.jaxpr
     consts, cacheable = hold_consts(closed.consts, mesh, set(user_arrays))
     plan, outputs, structs = _plan(traced, layout, mesh, axis_name, axis_size)
     jaxpr = hoist_consts(closed)  # holds no constant: they are inputs
     checked = [k for k, _ in outputs if k in layout.checked]
     n_consts = len(closed.consts)
-    if mesh is not None:
-        run = _program.sharded(
+    in_shardings = None
+    loose = _loose(outputs, varying, mesh, fix_inputs)
+
+    def program(loose: Set[int]) -> Callable:
+        if mesh is None:
+            return _program.vmapped(
+                jaxpr, n_consts, in_axes, outputs, checked, axis_size, axis_name, donate
+            )
+        return _program.sharded(
             jaxpr,
             n_consts,
             in_axes,
@@ -283,15 +333,14 @@ def build(
             axis_name,
             donate,
             fix_inputs=fix_inputs,
+            loose=loose,
         )
+
+    run = program(loose)
+    if mesh is not None:
         in_shardings = tuple(
             NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
         )
-    else:
-        run = _program.vmapped(
-            jaxpr, n_consts, in_axes, outputs, checked, axis_size, axis_name, donate
-        )
-        in_shardings = None
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)
     compiled = Compiled(
         traced.treedef,
@@ -303,7 +352,37 @@ def build(
         structs,
         len(in_axes),
     )
+    if loose:
+        assert mesh is not None
+        compiled.leave_layouts(
+            [
+                (i, NamedSharding(mesh, axis_spec(axis_name, a)))
+                for i, (_, a) in enumerate(outputs)
+                if i in loose
+            ],
+            lambda: program(frozenset()),
+        )
     return compiled, cacheable
+
+
+def _loose(
+    outputs: Sequence[tuple[int, int | None]],
+    varying: Sequence[bool] | None,
+    mesh: Mesh | None,
+    fix_inputs: bool,
+) -> frozenset[int]:
+    """The positions in `outputs` whose layout XLA's propagation gives as the plan
+    wants, on a mesh of several devices with the inputs' layouts fixed: an output that
+    may differ between devices, laid out along its axis, and one proved the same on
+    every device, replicated. (One proved the same but given a device axis is a
+    broadcast, which XLA leaves replicated: its layout is named; so is every layout
+    on one device, where XLA would give a single device's.) `Compiled.settle` checks
+    them all the same."""
+    if mesh is None or mesh.size == 1 or not fix_inputs or varying is None:
+        return frozenset()
+    return frozenset(
+        i for i, (k, axis) in enumerate(outputs) if varying[k] == (axis is not None)
+    )
 
 
 class Program(NamedTuple):
@@ -363,7 +442,8 @@ def compile_program(
     avals = per_device_avals(dyn, in_axes)
     traced = trace(fn, avals, axis_name, axis_size, want, mesh=mesh)
     mapped = [a is not None for a in in_axes]
-    leaves = out_leaves(traced, varying_outputs(traced.jaxpr, mapped, axis_name))
+    varying = varying_outputs(traced.jaxpr, mapped, axis_name)
+    leaves = out_leaves(traced, varying)
     layout = decide(leaves, traced.wanted)
     traced_inputs = any(isinstance(x, Tracer) for x in dyn)
     compiled, cacheable = build(
@@ -376,6 +456,7 @@ def compile_program(
         donate=donate,
         user_arrays=user_arrays,
         fix_inputs=not traced_inputs,
+        varying=varying,
     )
     if traced_inputs:
         # Inside a transformation: an outer `jax.jit` that names no layout, so that

@@ -167,7 +167,7 @@ class Pmap2:
         compiled = entry.compiled
         dyn = compiled.place(entry.dyn_of(leaves))
         with tracing_allowed():
-            lowered = compiled.run.lower(*compiled.const_values(), *dyn)
+            lowered = compiled.exact_run().lower(*compiled.const_values(), *dyn)
         return Lowered(lowered, entry, treedef, sig[1], self._tree)
 
     # -- once per signature

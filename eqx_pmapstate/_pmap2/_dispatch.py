@@ -118,20 +118,24 @@ class CompiledCall:
                 "The arguments do not match those this program was lowered for (tree "
                 "structure, shapes, dtypes and layouts). Lower it again for them."
             )
-        return run_entry(low._entry, low._entry.dyn_of(leaves), self.executable)
+        return run_entry(
+            low._entry, low._entry.dyn_of(leaves), self.executable, exact=True
+        )
 
 
-def run_entry(entry: Entry, dyn: Sequence, program: Callable):
+def run_entry(entry: Entry, dyn: Sequence, program: Callable, exact: bool = False):
     """One call of a compiled entry on its dynamic inputs `dyn`, whichever way it was
-    reached: the donation checks, `program` (the entry's jitted program, or its
-    executable compiled ahead of time), the run-time replication check, and the outputs
-    in their structure."""
+    reached: the donation checks, `program` (the entry's jitted program, or an
+    executable compiled ahead of time from its `exact_run`, which names every output's
+    layout), the outputs' layouts (`Compiled.settle`, unless `exact`), the run-time
+    replication check, and the outputs in their structure."""
     if entry.donated:
         check_donation(dyn, entry.donated, entry.paths)
     compiled = entry.compiled
     if entry.put:
         dyn = compiled.place(dyn)
-    return finish(entry, dyn, program(*compiled.const_values(), *dyn))
+    outs = program(*compiled.const_values(), *dyn)
+    return finish(entry, dyn, outs if exact else compiled.settle(outs))
 
 
 def finish(entry: Entry, dyn: Sequence, outs: Sequence):
