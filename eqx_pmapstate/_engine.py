@@ -33,7 +33,7 @@ from . import _program
 from ._dataflow import varying_outputs
 from ._jax_compat import hoist_consts, Tracer
 from ._layout import Layout, OutLeaf, Pass
-from ._mesh import axis_spec
+from ._mesh import shardings
 from ._trace import per_device_avals, trace, Traced
 
 
@@ -214,6 +214,7 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int):
     by_leaf = {flat_i: k for k, flat_i in enumerate(traced.arrays)}
     avals = traced.jaxpr.out_avals
     plan, outputs, structs = [], [], []
+    laid: dict = {}  # one sharding object per axis
     for flat_i, static in enumerate(traced.statics):
         k = by_leaf.get(flat_i)
         axis = None if k is None else layout.axes[k]
@@ -223,7 +224,12 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int):
         elif isinstance(axis, Pass):
             plan.append(("pass", axis.input, None))
         else:
-            sharding = NamedSharding(mesh, axis_spec(axis_name, axis)) if mesh else None
+            if mesh is None:
+                sharding = None
+            elif axis in laid:
+                sharding = laid[axis]
+            else:
+                sharding = laid[axis] = shardings(mesh, axis_name, [axis])[0]
             shape = _global_shape(avals[k].shape, axis, n)
             struct = jax.ShapeDtypeStruct(shape, avals[k].dtype, sharding=sharding)
             if _is_empty(avals[k]):
@@ -338,9 +344,7 @@ def build(
 
     run = program(loose)
     if mesh is not None:
-        in_shardings = tuple(
-            NamedSharding(mesh, axis_spec(axis_name, a)) for a in in_axes
-        )
+        in_shardings = tuple(shardings(mesh, axis_name, in_axes))
     checked_paths = tuple(traced.paths[traced.arrays[k]] for k in checked)
     compiled = Compiled(
         traced.treedef,
@@ -354,12 +358,9 @@ def build(
     )
     if loose:
         assert mesh is not None
+        named = shardings(mesh, axis_name, [a for _, a in outputs])
         compiled.leave_layouts(
-            [
-                (i, NamedSharding(mesh, axis_spec(axis_name, a)))
-                for i, (_, a) in enumerate(outputs)
-                if i in loose
-            ],
+            [(i, s) for i, s in enumerate(named) if i in loose],
             lambda: program(frozenset()),
         )
     return compiled, cacheable

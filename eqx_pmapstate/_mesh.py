@@ -134,6 +134,19 @@ def axis_spec(axis_name, axis: int | None, ndim: int | None = None) -> P:
     return P(*([None] * axis), axis_name)
 
 
+def shardings(mesh: Mesh, axis_name, axes) -> list[NamedSharding]:
+    """The sharding that lays an array out along each of `axes` (see `axis_spec`), one
+    object per distinct axis."""
+    made: dict = {}
+    out = []
+    for a in axes:
+        s = made.get(a)
+        if s is None:
+            s = made[a] = NamedSharding(mesh, axis_spec(axis_name, a))
+        out.append(s)
+    return out
+
+
 UNKNOWN = object()
 
 

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._checks import differ_across, differ_between_members
 from ._jax_compat import evaluate, subjaxprs
-from ._mesh import axis_spec
+from ._mesh import axis_spec, shardings
 
 
 class Stale(Exception):
@@ -191,7 +191,7 @@ def _one_device(
     run = jax.jit(
         _gated(program),
         in_shardings=_inputs(mesh, axis_name, n_consts, in_axes),
-        out_shardings=_shardings(mesh, axis_name, out_axes)
+        out_shardings=shardings(mesh, axis_name, out_axes)
         + ([NamedSharding(mesh, P())] if checked else []),
         donate_argnums=tuple(n_consts + i for i in donate),
     )
@@ -244,29 +244,17 @@ def is_local(jaxpr, axis_name) -> bool:
     return True
 
 
-def _shardings(mesh: Mesh, axis_name, axes) -> list[NamedSharding]:
-    """The sharding of each of `axes`, one object per distinct axis."""
-    made: dict = {}
-    out = []
-    for a in axes:
-        s = made.get(a)
-        if s is None:
-            s = made[a] = NamedSharding(mesh, axis_spec(axis_name, a))
-        out.append(s)
-    return out
-
-
-def _named(shardings: list, loose: Set[int]) -> list:
-    """`jax.jit`'s `out_shardings`: each of `shardings`, or None (XLA's propagation
+def _named(named: list, loose: Set[int]) -> list:
+    """`jax.jit`'s `out_shardings`: each of `named`, or None (XLA's propagation
     chooses) at the positions in `loose`. Naming an output's layout costs XLA's
     compile time (about 15% more for 2,000 outputs on CPU), even when its propagation
     would have chosen the same."""
-    return [None if i in loose else s for i, s in enumerate(shardings)]
+    return [None if i in loose else s for i, s in enumerate(named)]
 
 
 def _inputs(mesh: Mesh, axis_name, n_consts: int, in_axes) -> tuple:
     """`in_shardings` that fix the layout of each constant (replicated) and input."""
-    return tuple(_shardings(mesh, axis_name, (None,) * n_consts + tuple(in_axes)))
+    return tuple(shardings(mesh, axis_name, (None,) * n_consts + tuple(in_axes)))
 
 
 def _global_struct(aval, axis, n: int, sharding) -> jax.ShapeDtypeStruct:
@@ -312,7 +300,7 @@ def _batched(
         if fix_inputs
         else None,
         out_shardings=_named(
-            _shardings(mesh, axis_name, [a for _, a in outputs]),
+            shardings(mesh, axis_name, [a for _, a in outputs]),
             loose if fix_inputs else frozenset(),
         ),
         donate_argnums=tuple(n_consts + i for i in donate),
@@ -328,7 +316,7 @@ def traced_or_none(run, jaxpr, all_axes, mesh: Mesh, axis_name):
     structs = [
         _global_struct(v.aval, a, n, s)
         for v, a, s in zip(
-            jaxpr.invars, all_axes, _shardings(mesh, axis_name, all_axes), strict=True
+            jaxpr.invars, all_axes, shardings(mesh, axis_name, all_axes), strict=True
         )
     ]
     try:

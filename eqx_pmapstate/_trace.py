@@ -49,13 +49,14 @@ def per_device_avals(dyn: Sequence, in_axes: Sequence[int | None]) -> list:
     """The abstract value of each input as one device sees it (mapped axis removed)."""
     out = []
     for x, axis in zip(dyn, in_axes):
-        shape = list(np.shape(x))
+        if isinstance(x, jax.Array):  # (and tracers): read, not computed
+            shape, dtype = list(x.shape), x.dtype
+        else:
+            shape, dtype = list(np.shape(x)), jnp.result_type(x)
+        weak = bool(getattr(x, "weak_type", False))  # (a key array has none)
         if axis is not None:
             del shape[axis]
-        weak = bool(getattr(x, "weak_type", False))
-        out.append(
-            jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x), weak_type=weak)
-        )
+        out.append(jax.ShapeDtypeStruct(tuple(shape), dtype, weak_type=weak))
     return out
 
 

@@ -18,7 +18,7 @@ from .._assign import mapped_axis
 from .._jax_compat import Tracer
 from .._keys import WeakId
 from .._layout import DEFAULT
-from .._mesh import axis_spec, mesh_str, read_axis, resolve_mesh, UNKNOWN
+from .._mesh import mesh_str, read_axis, resolve_mesh, shardings, UNKNOWN
 from .._stores import register_store
 from .._tree import is_arraylike
 from ._axes import bound_axes, prefix_axes, StateAxes
@@ -268,7 +268,7 @@ def read_inputs(
         dyn_axes.append(axis)
         dyn_index.append(i)
     donated = _donated(donate, args, kwargs, dyn_index)
-    target = [NamedSharding(mesh, axis_spec(axis_name, a)) for a in dyn_axes]
+    target = shardings(mesh, axis_name, dyn_axes)
     passable = frozenset(
         j
         for j, (i, s) in enumerate(zip(dyn_index, target))
