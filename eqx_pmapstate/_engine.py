@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import _program
 from ._dataflow import varying_outputs
-from ._jax_compat import hoist_consts, Tracer
+from ._jax_compat import hoist_consts, trace_context, Tracer
 from ._layout import Layout, OutLeaf, Pass
 from ._mesh import shardings
 from ._trace import per_device_avals, trace, Traced
@@ -471,8 +471,12 @@ _V = TypeVar("_V")
 
 
 def cached(cache, key, weak, make: Callable[[], tuple[_V, bool]]) -> _V:
-    """The program under `key` in `cache`, made by `make` when missing."""
+    """The program under `key` in `cache`, made by `make` when missing. The key is
+    taken with the JAX settings in force that change what a function traces to
+    (`jax.numpy_dtype_promotion`, `jax.default_matmul_precision`, ...), as `jax.jit`
+    takes its own."""
     if key is not None:
+        key = (key, trace_context())
         found = cache.get(key)
         if found is not None:
             return found

@@ -59,6 +59,40 @@ def per_device_mesh(mesh, axis_name):
     )
 
 
+# Settings that change what a traced function computes. Read one by one (public) only
+# where JAX offers no `trace_context` (the test pins that it does).
+_TRACE_SETTINGS = (
+    "jax_numpy_dtype_promotion",
+    "jax_numpy_rank_promotion",
+    "jax_default_matmul_precision",
+    "jax_enable_x64",
+    "jax_threefry_partitionable",
+    "jax_default_prng_impl",
+    "jax_softmax_custom_jvp",
+    "jax_debug_nans",
+    "jax_debug_infs",
+)
+
+
+def _read_settings() -> tuple:
+    return tuple(getattr(jax.config, name, None) for name in _TRACE_SETTINGS)
+
+
+def _trace_context_function():
+    try:
+        from jax._src import config
+    except ImportError:  # pragma: no cover - a JAX without it
+        return _read_settings
+    return getattr(config, "trace_context", _read_settings)
+
+
+trace_context = _trace_context_function()
+"""`trace_context()`: the current values (this thread's, with the context managers in
+force) of the JAX settings that change what a traced function computes (dtype
+promotion, matmul precision, the PRNG's implementation, ...), as a hashable tuple:
+`jax.jit` keys its own caches by it, and so does this library's program cache."""
+
+
 def backends_are_initialized() -> bool:
     """Whether JAX's backends exist already (a computation ran, or devices were asked
     for), after which `jax.distributed.initialize` is too late. False where JAX does not

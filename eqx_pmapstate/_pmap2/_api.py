@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from .. import _engine
 from .._cache import programs
 from .._explain import CompileLog, leaf_names
-from .._jax_compat import Tracer
+from .._jax_compat import trace_context, Tracer
 from .._keys import KeyedWalk
 from .._layout import CheckMode, DEFAULT, step_layout
 from .._mesh import resolve_mesh
@@ -128,7 +128,7 @@ class Pmap2:
         """The full path: the signature, its entry (made on a miss), the call, and the
         `Quick` record for the next call of this structure."""
         leaves, treedef = jtu.tree_flatten(tree)
-        sig = (treedef, signature(leaves))
+        sig = (treedef, signature(leaves), trace_context())
         fast = self._fast.get(sig)
         if fast is None or not fast.valid():
             fast = self._entry(args, kwargs, leaves, sig)
@@ -162,7 +162,7 @@ class Pmap2:
         the same arguments as this function.
         """
         leaves, treedef = jtu.tree_flatten(self._tree(args, kwargs))
-        sig = (treedef, signature(leaves))
+        sig = (treedef, signature(leaves), trace_context())
         entry = self._entry(args, kwargs, leaves, sig).entry
         compiled = entry.compiled
         dyn = compiled.place(entry.dyn_of(leaves))
@@ -173,7 +173,7 @@ class Pmap2:
     # -- once per signature
 
     def _key(self, walk: KeyedWalk, leaves, sig) -> tuple:
-        treedef, per_leaf = sig
+        treedef, per_leaf, _ = sig  # (`_engine.cached` adds the JAX settings)
         # Static leaves by value (a function by its code and what it reads), so that an
         # equal but new object (a lambda made anew) finds the program.
         leaf_keys = tuple(
