@@ -12,6 +12,7 @@ settings, every time in seconds and its ratio to the floor) as JSON, for
 """
 
 import argparse
+import resource
 import statistics
 import sys
 
@@ -146,7 +147,8 @@ def first_call_child(variant: str, n_leaves: int) -> dict:
     f = jax.jit(body) if variant == FIRST_VARIANTS[0] else ep.pmap2(body)
     with _harness.Clock() as clock:
         jax.block_until_ready(f(xs))
-    return {"wall": clock.wall, "cpu": clock.cpu}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"wall": clock.wall, "cpu": clock.cpu, "peak_rss_bytes": peak}
 
 
 def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
@@ -168,6 +170,7 @@ def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
             out[n][v] = {
                 "wall": statistics.median(r["wall"] for r in ok) if ok else None,
                 "cpu": statistics.median(r["cpu"] for r in ok) if ok else None,
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok) if ok else None,
                 "runs": results,
                 "error": errors[0] if errors else None,
             }
@@ -194,7 +197,9 @@ def print_first_calls(firsts: dict, rounds: int) -> None:
             f"  {n:>6} leaves: floor {r[floor]['wall']:7.2f} s (CPU "
             f"{r[floor]['cpu']:7.2f} s), pmap2 {r[ours]['wall']:7.2f} s (CPU "
             f"{r[ours]['cpu']:7.2f} s): {r[ours]['ratio_wall']:5.2f}x "
-            f"(CPU {r[ours]['ratio_cpu']:5.2f}x)"
+            f"(CPU {r[ours]['ratio_cpu']:5.2f}x); peak memory of the process: floor "
+            f"{r[floor]['peak_rss_bytes'] / 1e9:.2f} GB, pmap2 "
+            f"{r[ours]['peak_rss_bytes'] / 1e9:.2f} GB"
         )
     print(f"  target: pmap2 at most {FIRST_CALL_TARGET}x the floor's first call")
 
