@@ -117,3 +117,30 @@ def test_a_training_step_keeps_its_layouts(collective):
         g = g.mean(axis=0)
     np.testing.assert_allclose(np.asarray(w2), ws - 0.1 * g, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(x2), xs + 1.0)
+
+
+# (The program made to lay its outputs out otherwise cannot reuse the donated buffers.)
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_key_arrays_and_donated_inputs_are_moved_too(monkeypatch):
+    """The repair on typed PRNG keys (one per device) and with the inputs donated."""
+    monkeypatch.setattr(_program, "_named", _as_if_xla_chose_replicated)
+    keys = jax.device_put(
+        jax.random.split(jax.random.key(1), 8), NamedSharding(MESH, P("devices"))
+    )
+    want = [np.asarray(jax.random.key_data(jax.random.split(k)[0])) for k in keys]
+
+    def advance(key, x):
+        return jax.random.split(key)[0], x + 1.0
+
+    f = ep.pmap2(advance, donate="all")
+    x = _inputs()[0]
+    for _ in range(3):  # the repair, the rebuilt program, the quick path
+        new, x2 = f(keys, x)
+        assert_laid_out(new, 0)
+        assert_laid_out(x2, 0)
+        np.testing.assert_array_equal(np.asarray(jax.random.key_data(new)), want)
+        keys = jax.device_put(
+            jax.random.split(jax.random.key(1), 8), NamedSharding(MESH, P("devices"))
+        )
+        x = x2
+    assert _compiled(f)._loose == ()
