@@ -376,9 +376,9 @@ def _loose(
     wants, on a mesh of several devices with the inputs' layouts fixed: an output that
     may differ between devices, laid out along its axis, and one proved the same on
     every device, replicated. (One proved the same but given a device axis is a
-    broadcast, which XLA leaves replicated: its layout is named; so is every layout
-    on one device, where XLA would give a single device's.) `Compiled.settle` checks
-    them all the same."""
+    broadcast, which XLA may leave replicated, as it does `jnp.broadcast_to` under
+    `jax.jit`: its layout is named; so is every layout on one device, where XLA would
+    give a single device's.) `Compiled.settle` checks them all the same."""
     if mesh is None or mesh.size == 1 or not fix_inputs or varying is None:
         return frozenset()
     return frozenset(
