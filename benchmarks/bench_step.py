@@ -60,18 +60,25 @@ def timed(fns, repeats, calls):
 SHARD_MAP_LEAVES = 1000  # above, the hand-written `jit(shard_map)` is not measured
 
 
+def trivial_body(xs):
+    return [x + 1.0 for x in xs]
+
+
+def trivial_leaves(mesh, n_leaves) -> list:
+    """`n_leaves` arrays of shape (8, 16) laid out along the device axis."""
+    per = NamedSharding(mesh, P("devices"))
+    xs = [jax.device_put(jnp.full((8, 16), float(i)), per) for i in range(n_leaves)]
+    return jax.block_until_ready(xs)
+
+
 def bench_trivial(n_leaves, repeats, calls, with_filter_pmap=True):
     """`x + 1` on every leaf; leaves of shape (8, 16) laid out along the device axis.
     The hand-written `jit(shard_map)` only up to `SHARD_MAP_LEAVES` leaves: XLA's Shardy
     partitioner compiles a `shard_map` in time quadratic in its operands (about 200 s at
     10,000 on the 2-core machine)."""
     mesh = mesh8()
-    per = NamedSharding(mesh, P("devices"))
-    xs = [jax.device_put(jnp.full((8, 16), float(i)), per) for i in range(n_leaves)]
-
-    def body(xs):
-        return [x + 1.0 for x in xs]
-
+    xs = trivial_leaves(mesh, n_leaves)
+    body = trivial_body
     floor = jax.jit(body)
     spec = [P("devices")] * n_leaves
     shmap = jax.jit(
@@ -136,14 +143,8 @@ FIRST_CALL_TARGET = 1.1  # pmap2's first call, at most this times the floor's
 def first_call_child(variant: str, n_leaves: int) -> dict:
     """The first call (trace, compile, run) of `x + 1` on `n_leaves` leaves in this
     (fresh) process."""
-    mesh = mesh8()
-    per = NamedSharding(mesh, P("devices"))
-    xs = [jax.device_put(jnp.full((8, 16), float(i)), per) for i in range(n_leaves)]
-    jax.block_until_ready(xs)
-
-    def body(xs):
-        return [x + 1.0 for x in xs]
-
+    xs = trivial_leaves(mesh8(), n_leaves)
+    body = trivial_body
     f = jax.jit(body) if variant == FIRST_VARIANTS[0] else ep.pmap2(body)
     with _harness.Clock() as clock:
         jax.block_until_ready(f(xs))
