@@ -5,7 +5,9 @@ with the floor, `jax.jit` on the same sharded arrays, and with
 `jax.jit(jax.shard_map(...))` and `eqx.filter_pmap`. Calls are interleaved and each
 figure is a median over repeats; the ratios to the floor are what matter. Then the first
 call (trace, compile, run) of `x + 1` on `--first-calls` leaf counts, each in a fresh
-process, the floor and `pmap2` interleaved. Run: `.venv/bin/python
+process, the floor and `pmap2` interleaved; with `--first-call-step grads`, of a training
+step whose parameters are the leaves, with `pmean`'d gradients (`--first-calls-only`
+times only these). Run: `.venv/bin/python
 benchmarks/bench_step.py`; `--json PATH` also writes the results (the machine, the
 settings, every time in seconds and its ratio to the floor) as JSON, for
 `benchmarks/plot_results.py`.
@@ -140,19 +142,51 @@ FIRST_VARIANTS = ("jax.jit (floor)", "pmap2")
 FIRST_CALL_TARGET = 1.1  # pmap2's first call, at most this times the floor's
 
 
-def first_call_child(variant: str, n_leaves: int) -> dict:
-    """The first call (trace, compile, run) of `x + 1` on `n_leaves` leaves in this
-    (fresh) process."""
-    xs = trivial_leaves(mesh8(), n_leaves)
-    body = trivial_body
-    f = jax.jit(body) if variant == FIRST_VARIANTS[0] else ep.pmap2(body)
+FIRST_STEPS = ("add", "grads")
+
+
+def _grads_inputs(mesh, n_leaves):
+    """`n_leaves` replicated parameters of shape (16,), and a batch of 4 rows per device."""
+    rep = NamedSharding(mesh, P())
+    ws = [jax.device_put(jnp.full((16,), 0.01 * i), rep) for i in range(n_leaves)]
+    x = jnp.linspace(-1.0, 1.0, 8 * 4 * 16).reshape(8, 4, 16)
+    return ws, jax.device_put(x, NamedSharding(mesh, P("devices")))
+
+
+def _loss(ws, x):
+    return sum(jnp.mean((x * w) ** 2) for w in ws)
+
+
+def grads_local(ws, x):
+    """The per-device step: the gradients `pmean`'d over the devices, then SGD."""
+    grads = jax.lax.pmean(jax.grad(_loss)(ws, x), "devices")
+    return [w - 0.1 * g for w, g in zip(ws, grads)]
+
+
+def grads_floor(ws, x):
+    """The same step written for `jax.jit` on the global batch (no `pmean`)."""
+    grads = jax.grad(_loss)(ws, x.reshape(-1, x.shape[-1]))
+    return [w - 0.1 * g for w, g in zip(ws, grads)]
+
+
+def first_call_child(variant: str, n_leaves: int, step: str = "add") -> dict:
+    """The first call (trace, compile, run) in this (fresh) process of `step` on
+    `n_leaves` leaves: `add` is `x + 1` on each; `grads` a training step whose
+    parameters are the leaves, with its gradients `pmean`'d (a collective per leaf)."""
+    floor = variant == FIRST_VARIANTS[0]
+    if step == "add":
+        args = (trivial_leaves(mesh8(), n_leaves),)
+        f = jax.jit(trivial_body) if floor else ep.pmap2(trivial_body)
+    else:
+        args = _grads_inputs(mesh8(), n_leaves)
+        f = jax.jit(grads_floor) if floor else ep.pmap2(grads_local)
     with _harness.Clock() as clock:
-        jax.block_until_ready(f(xs))
+        jax.block_until_ready(f(*args))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return {"wall": clock.wall, "cpu": clock.cpu, "peak_rss_bytes": peak}
 
 
-def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
+def bench_first_calls(sizes, rounds: int, timeout: float, step: str = "add") -> dict:
     """{leaves: {variant: {"wall": median, "cpu": median, "runs": [...]}}}: each first
     call in a fresh process, the variants interleaved round by round."""
     runs = {n: {v: [] for v in FIRST_VARIANTS} for n in sizes}
@@ -161,6 +195,7 @@ def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
         for n in sizes:
             for v in FIRST_VARIANTS:
                 argv = [__file__, "--first-call-child", v, "--leaves", str(n)]
+                argv += ["--first-call-step", step]
                 runs[n][v].append(_harness.run_child(argv, timeout))
     out = {}
     for n, by_variant in runs.items():
@@ -184,9 +219,10 @@ def bench_first_calls(sizes, rounds: int, timeout: float) -> dict:
     return out
 
 
-def print_first_calls(firsts: dict, rounds: int) -> None:
+def print_first_calls(firsts: dict, rounds: int, step: str = "add") -> None:
+    what = "`x + 1`" if step == "add" else "a step with `pmean`'d gradients"
     print(
-        f"\nFirst call (trace, compile, run) of `x + 1`, median of {rounds} fresh "
+        f"\nFirst call (trace, compile, run) of {what}, median of {rounds} fresh "
         "process(es) per variant; wall and CPU time:"
     )
     floor, ours = FIRST_VARIANTS
@@ -226,6 +262,18 @@ def main():
         help="fresh processes per variant and leaf count (5)",
     )
     parser.add_argument(
+        "--first-call-step",
+        choices=FIRST_STEPS,
+        default="add",
+        help="the step of the first calls: `x + 1` on each leaf (add), or a training "
+        "step whose parameters are the leaves, with `pmean`'d gradients (grads)",
+    )
+    parser.add_argument(
+        "--first-calls-only",
+        action="store_true",
+        help="time only the first calls",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per child process"
     )
     parser.add_argument(
@@ -236,7 +284,28 @@ def main():
     )
     args = parser.parse_args()
     if args.first_call_child is not None:
-        _harness.report(first_call_child(args.first_call_child, args.leaves))
+        _harness.report(
+            first_call_child(args.first_call_child, args.leaves, args.first_call_step)
+        )
+        return
+    if args.first_calls_only:
+        firsts = bench_first_calls(
+            args.first_calls, args.first_call_rounds, args.timeout, args.first_call_step
+        )
+        print_first_calls(firsts, args.first_call_rounds, args.first_call_step)
+        if args.json:
+            results = {
+                **_harness.record(
+                    "bench_step", "benchmarks/bench_step.py", sys.argv[1:]
+                ),
+                "settings": {
+                    "first_call_rounds": args.first_call_rounds,
+                    "first_call_step": args.first_call_step,
+                },
+                "floor": "jax.jit (floor)",
+                "first_call": {str(n): by for n, by in firsts.items()},
+            }
+            _harness.write_json(args.json, results)
         return
 
     res = bench_trivial(args.leaves, args.repeats, args.calls)
@@ -277,8 +346,10 @@ def main():
             f"  {n:>6} leaves: floor {fl * 1e3:9.3f} ms ({fl / n * 1e6:6.2f} us/leaf), pmap2 "
             f"{ours * 1e3:9.3f} ms ({ours / n * 1e6:6.2f} us/leaf), {ours / fl:5.2f}x"
         )
-    firsts = bench_first_calls(args.first_calls, args.first_call_rounds, args.timeout)
-    print_first_calls(firsts, args.first_call_rounds)
+    firsts = bench_first_calls(
+        args.first_calls, args.first_call_rounds, args.timeout, args.first_call_step
+    )
+    print_first_calls(firsts, args.first_call_rounds, args.first_call_step)
     if args.json:
         results = {
             **_harness.record("bench_step", "benchmarks/bench_step.py", sys.argv[1:]),
@@ -288,6 +359,7 @@ def main():
                 "calls": args.calls,
                 "leaf_shape": [8, 16],
                 "first_call_rounds": args.first_call_rounds,
+                "first_call_step": args.first_call_step,
             },
             "floor": "jax.jit (floor)",
             "trivial": {k: {"call_s": v, "ratio": v / base} for k, v in res.items()},
