@@ -340,6 +340,7 @@ def build(
             donate,
             fix_inputs=fix_inputs,
             loose=loose,
+            call=traced.call,
         )
 
     run = program(loose)

@@ -1,7 +1,8 @@
 """Everything this library takes from JAX beyond its main public API, in one place.
 
 The jaxpr types come from `jax.extend.core`, JAX's API for libraries that read and
-evaluate jaxprs; `Tracer` from `jax.core`. Two private functions are used:
+evaluate jaxprs; `Tracer` from `jax.core`. A function traced as `jax.jit(f)` is one
+`jit` equation, whose parameters (JAX's own) are bound again unchanged (`one_call`). Two private functions are used:
 `jax._src.util.register_cache`, so that `jax.clear_caches()` also clears this library's
 cache, and `jax._src.xla_bridge.backends_are_initialized`, so that
 `initialize_distributed` can say it is called too late instead of failing inside JAX.
@@ -46,6 +47,34 @@ def hoist_consts(closed):
 def evaluate(jaxpr, *args) -> list:
     """Evaluates a `Jaxpr` that has no constants on `args`."""
     return jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*args)
+
+
+def one_call(outer):
+    """`(inner, call)` for `outer`, the `ClosedJaxpr` of `jax.jit(f)` (with
+    `keep_unused=True`): where it is one `jit` equation from its inputs to its outputs,
+    `inner` is that equation's jaxpr (what `jax.make_jaxpr(f)` gives) and `call` the
+    equation's `(primitive, params)`, which `bind_call` binds again; `call` is None
+    where `inner` holds constants (a program takes them as inputs instead). `(None,
+    None)` where `outer` is not one such equation. Binding the equation is one
+    operation for the trace that binds it, where evaluating `inner` is one per
+    equation. The parameters are JAX's own, passed back unchanged."""
+    jaxpr = outer.jaxpr
+    if outer.consts or len(jaxpr.eqns) != 1:
+        return None, None
+    eqn = jaxpr.eqns[0]
+    inner = eqn.params.get("jaxpr")
+    if not isinstance(inner, ClosedJaxpr):
+        return None, None
+    same = list(eqn.invars) == list(jaxpr.invars)
+    if not same or list(eqn.outvars) != list(jaxpr.outvars):
+        return None, None
+    return inner, None if inner.consts else (eqn.primitive, dict(eqn.params))
+
+
+def bind_call(call, *args) -> list:
+    """The outputs of the equation `call` (from `one_call`) on `args`."""
+    primitive, params = call
+    return list(primitive.bind(*args, **params))
 
 
 def per_device_mesh(mesh, axis_name):

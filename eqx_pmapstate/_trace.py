@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ._jax_compat import Literal, per_device_mesh, subjaxprs
+from ._jax_compat import Literal, one_call, per_device_mesh, subjaxprs
 
 
 _active = threading.local()
@@ -30,6 +30,10 @@ class Traced(NamedTuple):
     - `arrays`: the flat indices of the array leaves, in the order of the jaxpr's outputs.
     - `input_of`: per jaxpr output, the index of the input it is unchanged, or None.
     - `wanted`: what the `want` callback returned, inside the trace.
+    - `call`: the `jax.jit` equation the function was traced as, which computes `jaxpr`
+        in one operation (`_jax_compat.one_call`); a program binds it instead of
+        evaluating `jaxpr` again, equation by equation. None where the trace is not one
+        such equation.
     """
 
     jaxpr: Any
@@ -39,6 +43,7 @@ class Traced(NamedTuple):
     arrays: tuple
     input_of: tuple
     wanted: Any
+    call: Any = None
 
 
 def is_output_array(x) -> bool:
@@ -108,7 +113,7 @@ def trace(
         return [jnp.asarray(leaf) for (_, leaf), a in zip(flat, is_array) if a]
 
     with _tracing(axis_name):
-        closed = _closed(flat_fn, avals, axis_name, axis_size, mesh)
+        closed, call = _closed(flat_fn, avals, axis_name, axis_size, mesh)
     invars = {v: j for j, v in enumerate(closed.jaxpr.invars)}
     input_of = tuple(
         None if isinstance(v, Literal) else invars.get(v) for v in closed.jaxpr.outvars
@@ -121,11 +126,13 @@ def trace(
         found["arrays"],
         input_of,
         found["wanted"],
+        call,
     )
 
 
 def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
-    """The jaxpr of `flat_fn`.
+    """The jaxpr of `flat_fn`, and the `jax.jit` equation it was traced as (see
+    `_jaxpr_of`).
 
     A closed-over `jax.Array` laid out on a mesh carries that mesh in its type, and the
     operations it feeds (a broadcast under `jax.vmap`, a `reshard` under `jax.grad`) may
@@ -136,10 +143,9 @@ def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
     JAX cannot trace there (`jnp.where` on such an array; indexing it, with JAX 0.10),
     nor can its own `jax.pmap`: a clear error.
     """
-    make = jax.make_jaxpr(flat_fn, axis_env=[(axis_name, axis_size)])
-    closed = make(*avals)
+    closed, call = _jaxpr_of(flat_fn, avals, axis_name, axis_size)
     if mesh is None or not _runs_elsewhere(closed):
-        return closed
+        return closed, call
     manual = per_device_mesh(mesh, axis_name)
     typed = [  # as the body of a `shard_map` sees its inputs
         jax.ShapeDtypeStruct(
@@ -149,11 +155,25 @@ def _closed(flat_fn, avals, axis_name, axis_size: int, mesh):
     ]
     try:
         with jax.sharding.use_abstract_mesh(manual):
-            return make(*typed)
+            return _jaxpr_of(flat_fn, typed, axis_name, axis_size)
     except ValueError as e:
         if "mesh" not in str(e).lower():
             raise
         raise ValueError(_closed_message(closed)) from None
+
+
+def _jaxpr_of(flat_fn, avals, axis_name, axis_size: int):
+    """The `ClosedJaxpr` of `flat_fn` on `avals`, traced with the collectives of
+    `axis_name` bound, and the `jax.jit` equation that computes it (None if there is
+    none). It is traced as `jax.jit(flat_fn)`, the one equation a program's body can
+    bind instead of evaluating the jaxpr again (`_jax_compat.one_call`); where that
+    trace is not one such equation, traced again as is."""
+    env = [(axis_name, axis_size)]
+    outer = jax.make_jaxpr(jax.jit(flat_fn, keep_unused=True), axis_env=env)(*avals)
+    closed, call = one_call(outer)
+    if closed is None:  # pragma: no cover - JAX made more than one equation
+        closed = jax.make_jaxpr(flat_fn, axis_env=env)(*avals)
+    return closed, call
 
 
 def _on_a_mesh(s) -> bool:

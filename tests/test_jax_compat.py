@@ -345,6 +345,47 @@ def test_jaxpr_in_shard_map_matches_pmap(name):
     np.testing.assert_allclose(run(w, x), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", list(_PROGRAMS))
+def test_a_jit_trace_is_one_call_that_binds_in_shard_map(name):
+    # `_trace` traces `jax.jit(f)` and keeps the one `jit` equation; a `shard_map` body
+    # binds it (`bind_call`): the jaxpr inside is `make_jaxpr(f)`'s, the numbers
+    # `jax.pmap`'s.
+    f, _ = _PROGRAMS[name]
+    w = jnp.arange(3, dtype=jnp.float32) + 1
+    x = jnp.arange(N * 3, dtype=jnp.float32).reshape(N, 3) / 5
+    outer = _trace(jax.jit(f, keep_unused=True), w, x[0])
+    inner, call = _jax_compat.one_call(outer)
+    assert inner is not None and call is not None and not inner.consts
+    plain = _trace(f, w, x[0])
+    assert [e.primitive for e in inner.jaxpr.eqns] == [
+        e.primitive for e in plain.jaxpr.eqns
+    ]
+    assert len(inner.jaxpr.invars) == 2  # an unused input is kept
+
+    def body(w, x):
+        (out,) = _jax_compat.bind_call(call, w, jnp.squeeze(x, 0))
+        return jnp.expand_dims(out, 0)
+
+    run = jax.jit(
+        jax.shard_map(
+            body, mesh=_mesh(N), in_specs=(P(), P(AX)), out_specs=P(AX), check_vma=False
+        )
+    )
+    expected = jax.pmap(f, AX, in_axes=(None, 0))(w, x)
+    np.testing.assert_allclose(run(w, x), expected, rtol=1e-6)
+
+
+def test_one_call_keeps_outputs_that_are_inputs_and_constants():
+    c = jnp.full((3,), 2.0)
+    outer = _trace(jax.jit(lambda a, b: (a, b * c, a + 1.0), keep_unused=True), x3, x3)
+    inner, call = _jax_compat.one_call(outer)
+    # a constant: the program takes it as an input, so there is no call to bind
+    assert inner is not None and call is None
+    assert len(inner.consts) == 1
+    assert inner.jaxpr.outvars[0] is inner.jaxpr.invars[0]
+    assert _jax_compat.one_call(_trace(lambda a: a * 2.0, x3)) == (None, None)
+
+
 def test_hoisted_jaxpr_holds_no_constant_and_evaluates():
     # JAX 0.12's `Jaxpr` keeps its constants' values attached; a cached program built on
     # it would keep the user's closed-over arrays alive. `hoist_consts` makes them inputs.
