@@ -2,10 +2,11 @@
 
 The jaxpr types come from `jax.extend.core`, JAX's API for libraries that read and
 evaluate jaxprs; `Tracer` from `jax.core`. A function traced as `jax.jit(f)` is one
-`jit` equation, whose parameters (JAX's own) are bound again unchanged (`one_call`). Two private functions are used:
-`jax._src.util.register_cache`, so that `jax.clear_caches()` also clears this library's
-cache, and `jax._src.xla_bridge.backends_are_initialized`, so that
-`initialize_distributed` can say it is called too late instead of failing inside JAX.
+`jit` equation, whose parameters (JAX's own) are bound again unchanged (`one_call`).
+Two private functions are used: `jax._src.util.register_cache`, so that
+`jax.clear_caches()` also clears this library's cache, and
+`jax._src.xla_bridge.backends_are_initialized`, so that `initialize_distributed` can
+say it is called too late instead of failing inside JAX.
 `tests/test_jax_compat.py` pins each of these; if JAX changes one, that test fails.
 """
 
