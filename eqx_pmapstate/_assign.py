@@ -86,7 +86,8 @@ def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
     of length `n`. `where` names the input in messages; `fix` says what to do instead."""
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(
-            f"The axis for {where} must be an int or None, but got {axis!r}."
+            f"{where} is given the axis {axis!r}, which is not an int or None. Give an "
+            "int (the axis to map over) or None (the same on every device)."
         )
     ndim = np.ndim(leaf)
     pos = int(axis) + ndim if axis < 0 else int(axis)

@@ -322,7 +322,8 @@ def build(
     checked = [k for k, _ in outputs if k in layout.checked]
     n_consts = len(closed.consts)
     in_shardings = None
-    loose = _loose(outputs, varying, mesh, fix_inputs)
+    # (Outputs are tracers where a constant is one: nothing can check them after.)
+    loose = _loose(outputs, varying, mesh, fix_inputs and cacheable)
 
     def program(loose: Set[int]) -> Callable:
         if mesh is None:

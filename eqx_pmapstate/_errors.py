@@ -9,7 +9,7 @@ make. Each message says which leaves, why, and what to do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ._tree import paths_str
 
@@ -36,13 +36,26 @@ def _fix_outputs(axis_name) -> str:
     )
 
 
-def unproved_outputs(names: Sequence[str], axis_name) -> ReplicationError:
-    """Found when a step is traced: outputs to be replicated, not proved the same."""
+def unproved_outputs(
+    names: Sequence[str], axis_name, sources: Mapping[str, str] | None = None
+) -> ReplicationError:
+    """Found when a step is traced: outputs to be replicated, not proved the same.
+    `sources`: for an output replicated because the default rule gives it the layout
+    of a replicated argument of its structure, that argument's name."""
+    why = "".join(
+        f" The leaf {name} is to be replicated because it has the structure, per-device shapes "
+        f"and dtypes of the replicated argument {source}, whose layout the default rule "
+        "gives it; if it is not that argument's new value, give its axis with "
+        "`out_axes`."
+        for name, source in (sources or {}).items()
+    )
     return ReplicationError(
         f"The output at {paths_str(names)} must come back replicated (the same on every "
         f"device of the axis {axis_name!r}), but it is computed from mapped inputs (or "
         "`jax.lax.axis_index`) without a collective such as `jax.lax.pmean`, `psum` or "
-        "`all_gather` over the axis, so it may differ between devices. "
+        "`all_gather` over the axis, so it may differ between devices."
+        + why
+        + " "
         + _fix_outputs(axis_name)
         + " If it is equal on every device for a reason this library cannot see, pass "
         "`check_replicated='runtime'` to have it compared at run time instead.",

@@ -31,6 +31,14 @@ class Pass(NamedTuple):
     input: int
 
 
+class Inherited(NamedTuple):
+    """What an output asks for under the default rule's first part: the axis of the
+    argument whose structure it has, named `source` (for messages)."""
+
+    axis: int | None | Default
+    source: str
+
+
 class Layout(NamedTuple):
     """The decisions for one traced function: per jaxpr output an axis (`int`), None
     (replicated) or `Pass`; and which replicated outputs to check at run time."""
@@ -80,17 +88,23 @@ def step_layout(
     is not proved the same is an error naming it (`check="trace"`), is compared across
     devices at run time (`"runtime"`), or is taken as it is (`"off"`, `jax.pmap`'s
     behaviour). An output that is input `j` unchanged, wanted on the axis input `j` has,
-    is handed back as it is when `j` is in `passable`.
+    is handed back as it is when `j` is in `passable`. An `Inherited` wish is its axis;
+    its source is named if the output cannot be replicated.
     """
-    axes, checked, unproved = [], set(), []
+    axes, checked, unproved, sources = [], set(), [], {}
     for k, (leaf, want) in enumerate(zip(leaves, wanted, strict=True)):
-        if want is DEFAULT:
+        source = None
+        if isinstance(want, Inherited):
+            want, source = want.axis, want.source
+        if isinstance(want, Default):
             axis = 0 if leaf.varying else None
         else:
             axis = normalize_axis(want, leaf.ndim, leaf.path)
             if axis is None and leaf.varying:
                 if check == "trace":
                     unproved.append(output_name(leaf.path))
+                    if source is not None:
+                        sources[unproved[-1]] = source
                 elif check == "runtime":
                     checked.add(k)
         j = leaf.input_index
@@ -99,7 +113,7 @@ def step_layout(
         else:
             axes.append(axis)
     if unproved:
-        raise unproved_outputs(unproved, axis_name)
+        raise unproved_outputs(unproved, axis_name, sources)
     return Layout(tuple(axes), frozenset(checked))
 
 

@@ -109,3 +109,27 @@ def test_runtime_check_raises_replication_error_itself():
     if ours(e.value):  # (under jaxtyping's import hook, beartype refuses it first)
         assert isinstance(e.value, ValueError)
         assert "`check_replicated` must be True, False or 'runtime'" in str(e.value)
+
+
+@pytest.mark.parametrize("out_axes", [0, ep.DEFAULT])
+def test_closing_over_a_tracer_of_an_enclosing_transformation(out_axes):
+    # The function closes over `s`, a tracer of the `jax.grad`/`jax.vmap`/`jax.jit`
+    # around the call; the arguments themselves are concrete. The outputs are then
+    # tracers too, whose layout cannot be read after the run: the program names them.
+    mesh = jax.make_mesh((8,), ("devices",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.device_put(
+        np.arange(8.0, dtype=np.float32), NamedSharding(mesh, P("devices"))
+    )
+
+    def ours_of(s):
+        return ep.pmap2(lambda v: v * s, out_axes=out_axes)(x).sum()
+
+    def pmap_of(s):
+        return jax.pmap(lambda v: v * s)(np.arange(8.0, dtype=np.float32)).sum()
+
+    assert float(jax.grad(ours_of)(2.0)) == float(jax.grad(pmap_of)(2.0)) == 28.0
+    np.testing.assert_array_equal(
+        np.asarray(jax.vmap(ours_of)(jnp.arange(3.0))),
+        np.asarray(jax.vmap(pmap_of)(jnp.arange(3.0))),
+    )
+    assert float(jax.jit(ours_of)(2.0)) == 56.0

@@ -25,7 +25,7 @@ from . import _memo
 from ._axes import check_axes_spec
 from ._dispatch import Entry, Fast, Lowered, make_quick, MISS, run_entry, STALE_LIMIT
 from ._inputs import code_of, is_callable_tree, read_inputs, signature, where
-from ._outputs import rule1_candidates, want_of
+from ._outputs import numbers_as_arrays, rule1_candidates, want_of
 
 
 class Pmap2:
@@ -249,7 +249,7 @@ class Pmap2:
             )
 
         program = _engine.compile_program(
-            _per_device(self.fun, leaves, jtu.tree_structure(tree)),
+            _per_device(self.fun, leaves, jtu.tree_structure(tree), self.out_axes),
             dyn,
             inputs.in_axes,
             want_of(self.out_axes, candidates),
@@ -276,9 +276,10 @@ class Pmap2:
         return entry, program.cacheable
 
 
-def _per_device(fun, leaves, treedef) -> Callable[[list], Any]:
+def _per_device(fun, leaves, treedef, out_axes) -> Callable[[list], Any]:
     """The function one device runs, of its list of array inputs: the call rebuilt
-    with the static leaves in place (and the callable pytree, if `fun` is one)."""
+    with the static leaves in place (and the callable pytree, if `fun` is one); the
+    Python numbers it returns that `out_axes` maps made arrays."""
     static = [x for x in leaves if not is_arraylike(x)]
     is_dyn = [is_arraylike(x) for x in leaves]
 
@@ -286,7 +287,8 @@ def _per_device(fun, leaves, treedef) -> Callable[[list], Any]:
         it_dyn, it_static = iter(local), iter(static)
         full = [next(it_dyn) if d else next(it_static) for d in is_dyn]
         call_args, call_kwargs, *traced_fun = treedef.unflatten(full)
-        return (traced_fun[0] if traced_fun else fun)(*call_args, **call_kwargs)
+        out = (traced_fun[0] if traced_fun else fun)(*call_args, **call_kwargs)
+        return numbers_as_arrays(out_axes, out)
 
     return fn
 
@@ -371,12 +373,13 @@ def pmap2(
         give it `0` or `None`), and everything else is static. Override with a pytree prefix of the positional arguments whose leaves
         are `int`, `None`, `DEFAULT` (the rule above, for that part) or a callable of a
         leaf (as in `eqx.filter_pmap`): `in_axes=(ep.DEFAULT, None)` keeps the model's
-        layout and replicates the second argument; or with a
-        [`eqx_pmapstate.StateAxes`][] of filters. A tuple binds to the parameters as
-        the call does: an argument passed by keyword takes the entry of its
-        parameter's position (`f(a, x, b=b)` reads as `f(a, x, b)`); a single axis
-        applies to keyword arguments too; a keyword-only argument follows the default
-        rule.
+        layout and replicates the second argument; with a dict by parameter name (as
+        in `eqx.filter_pmap`): `in_axes={"w": None}`, the arguments it does not name
+        following the default rule; or with a [`eqx_pmapstate.StateAxes`][] of
+        filters. A tuple binds to the parameters as the call does: an argument passed
+        by keyword takes the entry of its parameter's position (`f(a, x, b=b)` reads
+        as `f(a, x, b)`); a single axis applies to keyword arguments too; a
+        keyword-only argument follows the default rule.
     - `out_axes`: by default ([`eqx_pmapstate.DEFAULT`][]), (1) an output whose tree
         structure equals that of an argument takes that argument's layout leaf by leaf
         (tried on the whole output, then on each element of a returned tuple; a bare
@@ -390,8 +393,12 @@ def pmap2(
         `pmin` or `all_gather` over the axis), and with a device axis at 0 otherwise (a
         gradient with respect to a replicated parameter, without `pmean`, is one value
         per device).
-        Override in the same two forms as `in_axes`.
-    - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate.
+        Override as `in_axes` (a pytree prefix, or a `StateAxes`); a Python number
+        given an axis comes back as an array with a device axis, as from `jax.pmap`
+        (left to the default rule, it comes back as it is).
+    - `donate`: `"all"`, `"all-except-first"` or `"none"`: which input buffers to donate
+        (`"all-except-first"` keeps the first parameter's, passed by position or by
+        name).
         A donated input is gone after the call: passing it again, passing the same
         array twice among donated inputs (tied weights), or passing one array both as a
         donated input and as one that is not (an EMA that starts as the parameters), is

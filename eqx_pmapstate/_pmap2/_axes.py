@@ -109,10 +109,20 @@ def _positional_names(fun) -> list | None:
     return [p.name for p in params if p.kind in kinds]
 
 
+def first_parameter(fun) -> str | None:
+    """The name of `fun`'s first positional parameter (None if it has none, or if its
+    signature cannot be read)."""
+    names = _positional_names(fun)
+    return names[0] if names else None
+
+
 def bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
     """`in_axes` as the call binds it: the prefix for the positional arguments, and the
     axis of each keyword argument that the parameter at its position gives (as
-    `inspect.signature(fun).bind` binds the call); other keyword arguments: `DEFAULT`."""
+    `inspect.signature(fun).bind` binds the call); other keyword arguments: `DEFAULT`.
+    A dict gives the axes by parameter name (as in `eqx.filter_pmap`)."""
+    if isinstance(in_axes, dict):
+        return _by_name(in_axes, args, kwargs, fun)
     if not isinstance(in_axes, tuple):
         return in_axes, dict.fromkeys(kwargs, in_axes)
     if len(in_axes) < len(args):
@@ -130,7 +140,9 @@ def bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
         if name in kwargs:
             by_name[name] = in_axes[i]
         elif name is None:
-            unbound = [k for k in kwargs if k not in names] or ["none"]
+            unbound = [k for k in kwargs if k not in names]
+            if not unbound:
+                raise ValueError(_too_many_message(in_axes, args, names))
             raise ValueError(
                 f"`in_axes` has {len(in_axes)} entries, but the call passes {len(args)} "
                 f"positional argument(s), and its keyword argument(s) "
@@ -140,3 +152,42 @@ def bound_axes(in_axes, args, kwargs, fun) -> tuple[Any, dict]:
             )
         # else: a parameter left to its default value, which is no input
     return in_axes[: len(args)], by_name
+
+
+def _by_name(in_axes: dict, args, kwargs, fun) -> tuple[tuple, dict]:
+    """`in_axes` given as `{parameter name: axis}`; the arguments it does not name
+    follow the default rule."""
+    try:
+        params = inspect.signature(fun).parameters
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`in_axes` names parameters ({', '.join(map(str, in_axes))}), but the "
+            f"signature of {fun!r} cannot be read. Give `in_axes` as a tuple, one entry "
+            "per positional argument."
+        ) from None
+    unknown = [k for k in in_axes if k not in params and k not in kwargs]
+    if unknown:
+        raise ValueError(
+            f"`in_axes` names {', '.join(map(repr, unknown))}, which is not a parameter "
+            f"of the function (its parameters: {', '.join(params) or 'none'}). Name "
+            "the parameters as the function's signature does."
+        )
+    names = _positional_names(fun) or []
+    positional = tuple(
+        in_axes.get(names[i], DEFAULT) if i < len(names) else DEFAULT
+        for i in range(len(args))
+    )
+    return positional, {k: in_axes.get(k, DEFAULT) for k in kwargs}
+
+
+def _too_many_message(in_axes, args, names) -> str:
+    takes = (
+        f"takes {len(names)} positional parameter(s) ({', '.join(names)})"
+        if names
+        else "takes no positional parameter"
+    )
+    return (
+        f"`in_axes` has {len(in_axes)} entries, but the function {takes} and the call "
+        f"passes {len(args)} positional argument(s). Give one entry per parameter "
+        "(`eqx_pmapstate.DEFAULT` for the default rule)."
+    )

@@ -21,7 +21,7 @@ from .._layout import DEFAULT
 from .._mesh import mesh_str, read_axis, resolve_mesh, shardings, UNKNOWN
 from .._stores import register_store
 from .._tree import is_arraylike
-from ._axes import bound_axes, prefix_axes, StateAxes
+from ._axes import bound_axes, first_parameter, prefix_axes, StateAxes
 
 
 def where(path) -> str:
@@ -228,14 +228,27 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
     )
 
 
-def _donated(donate, args, kwargs, dyn_index) -> tuple:
+def _donated(donate, args, kwargs, dyn_index, fun) -> tuple:
     """The array inputs to donate: among the arguments only (a callable pytree's own
-    arrays, like closed-over ones, are never donated)."""
+    arrays, like closed-over ones, are never donated). `"all-except-first"` keeps the
+    first parameter's, whether the call passes it by position or by name."""
     if donate == "none":
         return ()
-    first_end = 0 if donate == "all" else len(jtu.tree_leaves(args[:1]))
+    kept = range(0) if donate == "all" else _first_argument(args, kwargs, fun)
     end = len(jtu.tree_leaves((args, kwargs)))
-    return tuple(d for d, i in enumerate(dyn_index) if first_end <= i < end)
+    return tuple(d for d, i in enumerate(dyn_index) if i < end and i not in kept)
+
+
+def _first_argument(args, kwargs, fun) -> range:
+    """The flat indices, among the leaves of `(args, kwargs)`, of the argument bound to
+    `fun`'s first parameter."""
+    if args:
+        return range(len(jtu.tree_leaves(args[0])))
+    name = first_parameter(fun)
+    if name not in kwargs:
+        return range(0)
+    start = sum(len(jtu.tree_leaves(kwargs[k])) for k in sorted(kwargs) if k < name)
+    return range(start, start + len(jtu.tree_leaves(kwargs[name])))
 
 
 def read_inputs(
@@ -267,7 +280,7 @@ def read_inputs(
         layout.append(axis)
         dyn_axes.append(axis)
         dyn_index.append(i)
-    donated = _donated(donate, args, kwargs, dyn_index)
+    donated = _donated(donate, args, kwargs, dyn_index, fun)
     target = shardings(mesh, axis_name, dyn_axes)
     passable = frozenset(
         j

@@ -9,7 +9,7 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from .._layout import DEFAULT
+from .._layout import DEFAULT, Inherited
 from .._trace import is_output_array
 from .._tree import is_arraylike
 from ._axes import prefix_axes, StateAxes
@@ -22,7 +22,7 @@ def rule1_candidates(args, inputs: CallInputs, axis_name, fun=None) -> list:
     mesh; a bare array only passes its layout to an array of its per-device shape and
     dtype. Then a callable pytree `fun`, and the
     instance of a bound method (tried at position 0, as `self` is in the class body).
-    Each candidate: `(structure, position, bare, layouts, per-device shapes)`."""
+    Each candidate: `(structure, position, bare, layouts, per-device shapes, name)`."""
     out = []
     if fun is not None:
         n = len(jtu.tree_leaves(fun))
@@ -30,8 +30,10 @@ def rule1_candidates(args, inputs: CallInputs, axis_name, fun=None) -> list:
         shapes = _local_shapes(fun, layouts)
         instance = getattr(fun, "__self__", None)
         if instance is not None and len(jtu.tree_leaves(instance)) == n:
-            out.append((jtu.tree_structure(instance), 0, None, layouts, shapes))
-        out.append((jtu.tree_structure(fun), 0, None, layouts, shapes))
+            out.append((jtu.tree_structure(instance), 0, None, layouts, shapes, "self"))
+        out.append(
+            (jtu.tree_structure(fun), 0, None, layouts, shapes, "the function itself")
+        )
     return out + _arg_candidates(args, inputs, axis_name)
 
 
@@ -68,7 +70,8 @@ def _arg_candidates(args, inputs: CallInputs, axis_name) -> list:
             bare = (tuple(local), jax.numpy.result_type(arg))
         layouts = inputs.layout_of_leaf[starts[a_idx] : starts[a_idx + 1]]
         shapes = _local_shapes(arg, layouts)
-        out.append((jtu.tree_structure(arg), a_idx, bare, layouts, shapes))
+        name = f"args[{a_idx}]"
+        out.append((jtu.tree_structure(arg), a_idx, bare, layouts, shapes, name))
     return out
 
 
@@ -79,7 +82,7 @@ def _inherited(candidates, sub, prefer=None) -> list | None:
     # An output of the argument's structure but other per-device shapes (a norm per
     # leaf) does not take its layout: the next rule decides.
     structure = jtu.tree_structure(sub)
-    for struct, a_idx, bare, layouts, shapes in sorted(
+    for struct, a_idx, bare, layouts, shapes, name in sorted(
         candidates, key=lambda c: c[1] != prefer
     ):
         if bare is not None and (
@@ -87,7 +90,7 @@ def _inherited(candidates, sub, prefer=None) -> list | None:
         ):
             continue
         if struct == structure and _same_shapes(sub, shapes):
-            return list(layouts)
+            return [Inherited(axis, name) for axis in layouts]
     return None
 
 
@@ -111,6 +114,29 @@ def _wanted_by_default(candidates, out) -> list:
             )
         return wanted
     return [DEFAULT] * len(jtu.tree_leaves(out))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (bool, int, float, complex))
+
+
+def numbers_as_arrays(out_axes, out):
+    """`out`, with each Python number that `out_axes` gives an axis (an int, or a
+    callable returning one) made an array, so that it comes back with a device axis as
+    it does from `jax.pmap` and `eqx.filter_pmap`. With the default rule or a
+    `StateAxes`, numbers stay static."""
+    if out_axes is DEFAULT or isinstance(out_axes, StateAxes):
+        return out
+    leaves, treedef = jtu.tree_flatten(out)
+    if not any(map(_is_number, leaves)):
+        return out
+    wanted = prefix_axes(out_axes, out, "out_axes")
+    for i, (leaf, w) in enumerate(zip(leaves, wanted, strict=True)):
+        if _is_number(leaf) and callable(w) and w is not DEFAULT:
+            w = w(leaf)
+        if _is_number(leaf) and isinstance(w, (int, np.integer)):
+            leaves[i] = jax.numpy.asarray(leaf)
+    return treedef.unflatten(leaves)
 
 
 def want_of(out_axes, candidates):
