@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
+from ._jax_compat import Tracer
 from ._mesh import check_axis_size, read_axis, UNKNOWN
 from ._new_states import pmap2_new_states, vmap2_new_states
 from ._pmap2 import Pmap2
@@ -21,17 +22,21 @@ def _apply(module, *args, **kwargs):
 
 
 @functools.lru_cache(maxsize=64)
-def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
-    def module_axis(x):
-        axis = read_axis(x, axis_name)
-        return None if axis is UNKNOWN else axis
-
+def _mapped_apply(axis_name: str, in_axes: tuple, out_axes, module_axes=None):
+    """The `pmap2` of a `Map` call. `module_axes`: the module's axes recorded when its
+    states were made, `(treedef, axes)`; without them each array's axis is read from
+    its layout, which a tracer has not (inside `jax.jit`): then it is refused."""
+    if module_axes is not None:
+        treedef, axes = module_axes
+        module_in = treedef.unflatten(axes)
+    else:
+        module_in = functools.partial(_module_axis, axis_name=axis_name)
     # One for every `Map` with these settings, over modules of any shape: its recompiles
     # are not one function's, so they are not explained.
     return Pmap2(
         _apply,
         axis_name=axis_name,
-        in_axes=(module_axis,) + in_axes,
+        in_axes=(module_in,) + in_axes,
         out_axes=out_axes,
         donate="none",
         check_replicated=True,
@@ -40,7 +45,33 @@ def _mapped_apply(axis_name: str, in_axes: tuple, out_axes):
     )
 
 
+def _module_axis(x, axis_name: str):
+    axis = read_axis(x, axis_name)
+    if axis is UNKNOWN and isinstance(x, Tracer):
+        raise ValueError(
+            "The `Map`'s module holds a traced array (the `Map` is called inside "
+            "`jax.jit`, `jax.grad` or another transformation) whose axis it does not "
+            "know: its layout cannot be read there, and its structure differs from the "
+            "one `init_all_states` made. Call the `Map` outside the transformation, or "
+            "keep the module's structure as `init_all_states` returned it."
+        )
+    return None if axis is UNKNOWN else axis
+
+
 register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
+
+
+class _AxesDict(dict):
+    """`init_state_axes` as given, a dict that JAX takes as one leaf (a dict's keys
+    `0` and `None` cannot be sorted, as flattening it would)."""
+
+
+def _plain(axes):
+    return dict(axes) if isinstance(axes, dict) else axes
+
+
+def _is_none(x) -> bool:
+    return x is None
 
 
 def _hashable(axes):
@@ -96,6 +127,9 @@ class Map(eqx.Module):
     - `out_axes`: the axis of the outputs.
     - `axis_name`: the axis name (`"devices"` for `"pmap"` when not given).
     - `behavior`: `"vmap"` or `"pmap"`.
+    - `module_axes`: the axis of each of the module's arrays, which `init_all_states`
+        records (leave it out). A call maps the module by them when its arrays are
+        tracers (inside `jax.jit` or `jax.grad`), whose layout cannot be read.
 
     !!! example
 
@@ -114,7 +148,35 @@ class Map(eqx.Module):
     out_axes: Any = eqx.field(static=True, default=0)
     axis_name: str | None = eqx.field(static=True, default=None)
     behavior: Literal["vmap", "pmap"] = eqx.field(static=True, default="vmap")
-    module_axes: Any = eqx.field(static=True, default=None)  # per-leaf axes, for "vmap"
+    module_axes: Any = eqx.field(static=True, default=None)  # per-leaf axes
+
+    def __init__(
+        self,
+        module: Any,
+        init_map_size: int,
+        init_state_axes: Any = None,
+        state_tag: str | None = None,
+        in_axes: Any = 0,
+        out_axes: Any = 0,
+        axis_name: str | None = None,
+        behavior: Literal["vmap", "pmap"] = "vmap",
+        module_axes: Any = None,
+    ):
+        # Written out (not the dataclass's) so that Equinox does not flatten the
+        # arguments: `init_state_axes={0: ..., None: ...}` has keys JAX cannot sort.
+        self.module = module
+        self.init_map_size = init_map_size
+        self.init_state_axes = (
+            _AxesDict(init_state_axes)
+            if type(init_state_axes) is dict
+            else init_state_axes
+        )
+        self.state_tag = state_tag
+        self.in_axes = in_axes
+        self.out_axes = out_axes
+        self.axis_name = axis_name
+        self.behavior = behavior
+        self.module_axes = module_axes
 
     def __check_init__(self):
         check_axis_size(self.init_map_size, "init_map_size")
@@ -149,18 +211,22 @@ class Map(eqx.Module):
                 init_kwargs,
                 self.state_tag,
                 self.init_map_size,
-                self.init_state_axes,
+                _plain(self.init_state_axes),
                 axis_name=self._name or "devices",
                 init_in_axes=init_in_axes,
             )
-            axes = None
+            name = self._name or "devices"
+            axes = jtu.tree_map(
+                lambda x: _module_axis(x, name) if isinstance(x, jax.Array) else None,
+                module,
+            )
         else:
             module = vmap2_new_states(
                 self.module,
                 init_kwargs,
                 self.state_tag,
                 self.init_map_size,
-                self.init_state_axes,
+                _plain(self.init_state_axes),
                 axis_name=self._name,
                 init_in_axes=init_in_axes,
             )
@@ -174,6 +240,18 @@ class Map(eqx.Module):
             )
         return eqx.tree_at(lambda m: m.module, self, module).__with_axes(axes)
 
+    def __recorded(self) -> tuple | None:
+        """The module's axes recorded by `init_all_states`, `(treedef, axes)`, if its
+        structure is still the one they were recorded for."""
+        if self.module_axes is None:
+            return None
+        axes, treedef = jtu.tree_flatten(self.module_axes, is_leaf=_is_none)
+        if jtu.tree_structure(self.module) != jtu.tree_structure(
+            treedef.unflatten([0] * len(axes))
+        ):
+            return None
+        return treedef, tuple(axes)
+
     def __with_axes(self, axes) -> Map:
         new = object.__new__(type(self))
         for k, v in vars(self).items():
@@ -185,7 +263,9 @@ class Map(eqx.Module):
         """Calls the module on every device or member, mapping the arguments by `in_axes`."""
         if self.behavior == "pmap":
             in_axes = _per_argument(self.in_axes, len(args))
-            fn = _mapped_apply(self._name, in_axes, _hashable(self.out_axes))
+            fn = _mapped_apply(
+                self._name, in_axes, _hashable(self.out_axes), self.__recorded()
+            )
             return fn(self.module, *args, **kwargs)
         if self.module_axes is None:
             raise ValueError(

@@ -209,3 +209,69 @@ def test_bad_behavior():
     if ours(e.value):
         assert isinstance(e.value, ValueError)
         assert "`behavior` must be 'vmap' or 'pmap', but got 'jit'" in str(e.value)
+
+
+class _Layer(eqx.Module):
+    """A replicated weight and a per-device state equal to the device's index."""
+
+    w: ep.ParamState | None = None
+    h: ep.ShortTermState | None = None
+
+    def init_state(self, size):
+        i = jax.lax.axis_index("devices").astype(jnp.float32)
+        return _Layer(
+            ep.ParamState(jnp.ones(size)), ep.ShortTermState(jnp.full(size, i))
+        )
+
+    def __call__(self, x):
+        assert self.w is not None and self.h is not None
+        return x * self.w.value[None] + self.h.value[None]
+
+
+def test_pmap_map_inside_jit_and_grad_uses_each_devices_state():
+    # Inside `jax.jit` the module's arrays are tracers whose layout cannot be read; the
+    # `Map` maps them by the axes `init_all_states` gave them (before, it replicated
+    # the whole per-device state: every device saw row 0).
+    mp = ep.Map(
+        _Layer(),
+        init_map_size=N,
+        behavior="pmap",
+        init_state_axes={None: OfType(ep.ParamState)},
+    ).init_all_states(size=4)
+    x = jnp.zeros((N, 2, 4))
+    eager = np.asarray(mp(x))
+    np.testing.assert_array_equal(eager[:, 0, 0], np.arange(N, dtype=np.float32))
+    jitted = eqx.filter_jit(lambda m, x: m(x))(mp, x)
+    np.testing.assert_array_equal(np.asarray(jitted), eager)
+    grad = eqx.filter_grad(lambda m, x: jnp.sum(m(x) ** 2))(mp, jnp.ones((N, 2, 4)))
+    want = 2 * (1.0 + np.arange(N, dtype=np.float32))[:, None] * 2  # d/dh, 2 rows each
+    np.testing.assert_allclose(np.asarray(grad.module.h.value)[:, 0], want[:, 0])
+
+
+def test_pmap_map_with_a_changed_structure_inside_jit_is_refused():
+    mp = ep.Map(_Layer(), init_map_size=N, behavior="pmap").init_all_states(size=4)
+    changed = eqx.tree_at(lambda m: m.module.w, mp, None)  # not what it recorded
+    x = jnp.zeros((N, 2, 4))
+    with pytest.raises(ValueError, match=r"`Map`'s module holds a traced array"):
+        eqx.filter_jit(lambda m, x: m.module.h.value + m(x) * 0)(
+            changed, x
+        )  # (calls `_Layer` without `w`: only the refusal is asserted)
+
+
+@pytest.mark.parametrize("behavior", ["pmap", "vmap"])
+def test_map_init_state_axes_with_several_axes(behavior):
+    # `init_state_axes` takes what `state_out_axes` takes: keys 0 and None together.
+    axes = {0: ep.ShortTermState, None: ...}
+    mp = ep.Map(
+        _Layer(),
+        init_map_size=N,
+        behavior=behavior,
+        init_state_axes=axes,
+        axis_name="devices",
+    ).init_all_states(size=4)
+    assert mp.init_state_axes == axes
+    assert mp.module.w.value.shape == (4,)  # replicated
+    assert mp.module.h.value.shape == (N, 4)
+    np.testing.assert_array_equal(
+        np.asarray(mp.module.h.value)[:, 0], np.arange(N, dtype=np.float32)
+    )
