@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from ._filters import Everything, Filter, to_predicate
@@ -11,11 +13,14 @@ from ._state import NonBatchState, State
 from ._tree import keystr
 
 
-def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
+def normalize_out_axes(
+    state_out_axes, where: str = "`state_out_axes`"
+) -> tuple[tuple[int | None, Filter], ...]:
     """`state_out_axes` as a tuple of `(axis, filter)` pairs, in the order given.
 
     `None` means no filter (every state goes to axis 0, a `NonBatchState` to None); a
-    single filter means `{0: filter}`; a dict maps `int | None` to filters.
+    single filter means `{0: filter}`; a dict maps `int | None` to filters. `where`
+    names the argument in messages.
     """
     if state_out_axes is None:
         return ()
@@ -27,8 +32,10 @@ def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
             isinstance(axis, bool) or not isinstance(axis, (int, np.integer))
         ):
             raise TypeError(
-                f"The keys of `state_out_axes` must be ints (an axis) or None (replicated), "
-                f"but got the key {axis!r} of type {type(axis).__name__}."
+                f"The keys of {where} must be ints (an axis) or None (replicated), but "
+                f"got the key {axis!r} of type {type(axis).__name__}. The dict maps "
+                "each axis to its filters (`{0: filter, None: ...}`), not filters to "
+                "axes."
             )
         out.append((None if axis is None else int(axis), to_predicate(filt)))
     return tuple(out)
@@ -39,13 +46,32 @@ def state_kind(state) -> str:
     return type(state).__name__ if isinstance(state, State) else "array"
 
 
-def assign_axis(spec, ref, matched: list | None = None) -> int | None:
+def _asked(f, ref, axis, where: str, show: Callable[[tuple], str]) -> bool:
+    try:
+        return bool(f(ref.path, ref.state, ref.ancestors))
+    except (jax.errors.TracerBoolConversionError, jax.errors.ConcretizationTypeError):
+        raise ValueError(
+            f"The filter {f!r} for axis {axis} in {where} reads the value of the state "
+            f"at {show(ref.path)}, which is not known when filters are asked (while the "
+            "function is traced, before anything runs). Filter by marker type, tag or "
+            "path instead."
+        ) from None
+
+
+def assign_axis(
+    spec,
+    ref,
+    matched: list | None = None,
+    where: str = "`state_out_axes`",
+    show: Callable[[tuple], str] = keystr,
+) -> int | None:
     """The axis (as written by the user, maybe negative) of one state (a
     `_tree.StateRef`). `matched`, if given, has one flag per filter of `spec`, set for
-    each filter that matches this state."""
+    each filter that matches this state. `where` names the argument and `show` writes
+    a path, in messages."""
     hits, catch_all = [], []
     for i, (axis, f) in enumerate(spec):
-        if not f(ref.path, ref.state, ref.ancestors):
+        if not _asked(f, ref, axis, where, show):
             continue
         if matched is not None:
             matched[i] = True
@@ -56,8 +82,8 @@ def assign_axis(spec, ref, matched: list | None = None) -> int | None:
     if len(axes) > 1:
         shown = ", ".join("None" if a is None else str(a) for a in axes)
         raise ValueError(
-            f"The state at {keystr(ref.path)} ({state_kind(ref.state)}) is matched by "
-            f"the filters of several axes in `state_out_axes`: {shown}. Each state must "
+            f"The state at {show(ref.path)} ({state_kind(ref.state)}) is matched by "
+            f"the filters of several axes in {where}: {shown}. Each state must "
             "go to one axis; make the filters exclusive (for example with `filters.Not`), "
             "or use `...` for a catch-all, which only counts for states no other filter "
             "matched."

@@ -141,7 +141,7 @@ class Compiled:
         for i, j in self._at["pass"]:
             leaves[i] = dyn[j]
         for i, (shape, dtype, sharding) in self._at["empty"]:
-            leaves[i] = jax.device_put(np.zeros(shape, dtype), sharding)
+            leaves[i] = jax.device_put(_zeros(shape, dtype), sharding)
         return leaves
 
     def abstract(self, dyn: Sequence):
@@ -197,7 +197,15 @@ def getter(indices: Sequence) -> Callable[[Sequence], tuple]:
 
 
 def _is_empty(aval) -> bool:
-    return aval.size == 0 and not jnp.issubdtype(aval.dtype, jax.dtypes.extended)
+    return aval.size == 0
+
+
+def _zeros(shape, dtype):
+    """A zero-size array, made outside the program (with JAX 0.10, a program naming
+    the layout of a zero-size key array gives every device the whole array)."""
+    if jnp.issubdtype(dtype, jax.dtypes.extended):  # a key array: NumPy has no such
+        return jnp.zeros(shape, dtype)
+    return np.zeros(shape, dtype)
 
 
 def _global_shape(shape, axis, n: int) -> tuple:
@@ -401,7 +409,7 @@ class Program(NamedTuple):
 def out_leaves(traced: Traced, varying: Sequence[bool]) -> tuple:
     """The facts about each array output that the layout decision reads."""
     return tuple(
-        OutLeaf(traced.paths[i], aval.ndim, v, j)
+        OutLeaf(traced.paths[i], aval.ndim, v, j, _is_empty(aval))
         for i, aval, v, j in zip(
             traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
         )

@@ -9,7 +9,7 @@ make. Each message says which leaves, why, and what to do.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from ._tree import paths_str
 
@@ -37,18 +37,19 @@ def _fix_outputs(axis_name) -> str:
 
 
 def unproved_outputs(
-    names: Sequence[str], axis_name, sources: Mapping[str, str] | None = None
+    names: Sequence[str], axis_name, sources: Sequence[str] = ()
 ) -> ReplicationError:
     """Found when a step is traced: outputs to be replicated, not proved the same.
-    `sources`: for an output replicated because the default rule gives it the layout
-    of a replicated argument of its structure, that argument's name."""
-    why = "".join(
-        f" The leaf {name} is to be replicated because it has the structure, per-device shapes "
-        f"and dtypes of the replicated argument {source}, whose layout the default rule "
-        "gives it; if it is not that argument's new value, give its axis with "
-        "`out_axes`."
-        for name, source in (sources or {}).items()
-    )
+    `sources`: the replicated arguments whose layout the default rule gives outputs of
+    their structure, for those among them."""
+    why = ""
+    if sources:
+        why = (
+            " It is to be replicated because it has the structure, per-device shapes and "
+            f"dtypes of a replicated argument ({', '.join(sources)}), whose layout the "
+            "default rule gives it; if it is not that argument's new value, give its "
+            "axis with `out_axes`."
+        )
     return ReplicationError(
         f"The output at {paths_str(names)} must come back replicated (the same on every "
         f"device of the axis {axis_name!r}), but it is computed from mapped inputs (or "

@@ -6,12 +6,15 @@ evaluate jaxprs; `Tracer` from `jax.core`. A function traced as `jax.jit(f)` is 
 Two private functions are used: `jax._src.util.register_cache`, so that
 `jax.clear_caches()` also clears this library's cache, and
 `jax._src.xla_bridge.backends_are_initialized`, so that `initialize_distributed` can
-say it is called too late instead of failing inside JAX.
+say it is called too late instead of failing inside JAX. And the text of JAX's
+`NameError` for a collective over an axis name nobody binds (`unbound_axis`), so that a
+step naming another axis than the one it is mapped over is told so.
 `tests/test_jax_compat.py` pins each of these; if JAX changes one, that test fails.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -23,6 +26,16 @@ ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
 Literal = jex_core.Literal
 jaxpr_as_fun = jex_core.jaxpr_as_fun
+
+
+_UNBOUND = re.compile(r"unbound axis name: ([^\s.]+)")
+
+
+def unbound_axis(error: NameError) -> str | None:
+    """The axis name in JAX's error for a collective over an unbound axis, or None if
+    `error` is not that error."""
+    found = _UNBOUND.search(str(error))
+    return found.group(1) if found else None
 
 
 def open_jaxpr(j) -> tuple[Any, int]:

@@ -67,6 +67,7 @@ class OutLeaf(NamedTuple):
     ndim: int  # its number of dimensions on one device
     varying: bool  # whether it may differ between devices (else proved the same)
     input_index: int | None = None  # the input it is, unchanged, if any
+    empty: bool = False  # zero-size: no element can differ between devices
 
 
 CheckMode = Literal["trace", "runtime", "off"]
@@ -85,13 +86,14 @@ def step_layout(
 
     An output asked for nothing (`DEFAULT`) is replicated when it is proved the same on
     every device, and gets a device axis at 0 otherwise. One asked to be replicated that
-    is not proved the same is an error naming it (`check="trace"`), is compared across
+    is not proved the same (and has elements: a zero-size one cannot differ) is an
+    error naming it (`check="trace"`), is compared across
     devices at run time (`"runtime"`), or is taken as it is (`"off"`, `jax.pmap`'s
     behaviour). An output that is input `j` unchanged, wanted on the axis input `j` has,
     is handed back as it is when `j` is in `passable`. An `Inherited` wish is its axis;
     its source is named if the output cannot be replicated.
     """
-    axes, checked, unproved, sources = [], set(), [], {}
+    axes, checked, unproved, sources = [], set(), [], {}  # sources: a set, in order
     for k, (leaf, want) in enumerate(zip(leaves, wanted, strict=True)):
         source = None
         if isinstance(want, Inherited):
@@ -100,11 +102,11 @@ def step_layout(
             axis = 0 if leaf.varying else None
         else:
             axis = normalize_axis(want, leaf.ndim, leaf.path)
-            if axis is None and leaf.varying:
+            if axis is None and leaf.varying and not leaf.empty:
                 if check == "trace":
                     unproved.append(output_name(leaf.path))
                     if source is not None:
-                        sources[unproved[-1]] = source
+                        sources[source] = None
                 elif check == "runtime":
                     checked.add(k)
         j = leaf.input_index
@@ -113,7 +115,7 @@ def step_layout(
         else:
             axes.append(axis)
     if unproved:
-        raise unproved_outputs(unproved, axis_name, sources)
+        raise unproved_outputs(unproved, axis_name, tuple(sources))
     return Layout(tuple(axes), frozenset(checked))
 
 

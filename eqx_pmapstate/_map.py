@@ -98,7 +98,7 @@ def _vmapped_apply(
 ):
     fn = eqx.filter_vmap(
         lambda m, a, k: m(*a, **k),
-        in_axes=(module_axes, in_axes, 0),
+        in_axes=(module_axes, in_axes, eqx.if_array(0)),
         out_axes=out_axes,
         axis_name=axis_name,
         axis_size=axis_size,
@@ -260,7 +260,16 @@ class Map(eqx.Module):
         return new
 
     def __call__(self, *args, **kwargs):
-        """Calls the module on every device or member, mapping the arguments by `in_axes`."""
+        """Calls the module on every device or member, mapping the positional arguments
+        by `in_axes`; of the keyword arguments, arrays are mapped along axis 0 (for
+        `"pmap"`, one laid out on the mesh keeps its layout) and anything else is
+        static."""
+        if self.module_axes is None and not any(
+            map(eqx.is_array, jtu.tree_leaves(self.module))
+        ):
+            raise ValueError(
+                "Call `init_all_states` first: this `Map` has no states yet."
+            )
         if self.behavior == "pmap":
             in_axes = _per_argument(self.in_axes, len(args))
             fn = _mapped_apply(

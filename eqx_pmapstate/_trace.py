@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ._jax_compat import Literal, one_call, per_device_mesh, subjaxprs
+from ._jax_compat import Literal, one_call, per_device_mesh, subjaxprs, unbound_axis
 
 
 _active = threading.local()
@@ -113,7 +113,13 @@ def trace(
         return [jnp.asarray(leaf) for (_, leaf), a in zip(flat, is_array) if a]
 
     with _tracing(axis_name):
-        closed, call = _closed(flat_fn, avals, axis_name, axis_size, mesh)
+        try:
+            closed, call = _closed(flat_fn, avals, axis_name, axis_size, mesh)
+        except NameError as e:
+            name = unbound_axis(e)
+            if name is None:
+                raise
+            raise NameError(_unbound_message(name, axis_name)) from None
     invars = {v: j for j, v in enumerate(closed.jaxpr.invars)}
     input_of = tuple(
         None if isinstance(v, Literal) else invars.get(v) for v in closed.jaxpr.outvars
@@ -127,6 +133,19 @@ def trace(
         input_of,
         found["wanted"],
         call,
+    )
+
+
+def _unbound_message(name: str, axis_name) -> str:
+    mapped = (
+        f"it is mapped over the axis {axis_name!r}"
+        if axis_name is not None
+        else "the axis it is mapped over has no name"
+    )
+    return (
+        f"The function uses the axis name {name!r} in a collective (such as "
+        f"`jax.lax.psum`, `pmean`, `all_gather` or `axis_index`), but {mapped}. Name "
+        f"that axis in the collective, or map over {name!r} (`axis_name={name!r}`)."
     )
 
 

@@ -9,6 +9,7 @@ import jax.tree_util as jtu
 import numpy as np
 import pytest
 from helpers import assert_laid_out, Counter, ours
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_pmapstate as ep
 from eqx_pmapstate.filters import PathContains
@@ -457,3 +458,45 @@ def test_init_state_returning_none_is_a_clear_error(leaks):
 def test_unknown_init_kwarg_is_an_error(leaks):
     with pytest.raises(TypeError, match=r"accepts the argument\(s\) \['typo'\]"):
         ep.pmap2_new_states(Counter(), {"typo": 1})
+
+
+def test_a_collective_over_another_axis_name_says_which():
+    x = jnp.ones((8, 3))
+    step = ep.pmap2(lambda g: jax.lax.pmean(g, "batch"))
+    with pytest.raises(
+        NameError, match=r"axis name 'batch'.*mapped over the axis 'devices'"
+    ) as caught:
+        step(x)
+    assert "shard_map" not in str(caught.value)  # not JAX's advice
+    mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+    on_batch = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    fixed = ep.pmap2(lambda g: jax.lax.pmean(g, "batch"), axis_name="batch")
+    np.testing.assert_array_equal(np.asarray(fixed(on_batch)), np.ones((8, 3)))
+
+
+def test_a_name_error_of_the_users_own_passes_through():
+    def step(x):
+        return x * undefined_name  # noqa: F821  # pyright: ignore[reportUndefinedVariable]
+
+    with pytest.raises(NameError, match="undefined_name"):
+        ep.pmap2(step)(jnp.ones((8, 3)))
+
+
+def test_state_axes_messages_name_the_state_axes_and_the_leaf_as_written():
+    made = ep.pmap2_new_states(lambda: {"w": ep.ShortTermState(jnp.zeros(2))})
+    overlapping = ep.StateAxes({0: ep.ShortTermState, None: ep.State})
+    with pytest.raises(
+        ValueError,
+        match=r"^The state at args\[0\]\['w'\] .* in the `StateAxes`: 0, None",
+    ):
+        ep.pmap2(lambda t: t, in_axes=overlapping)(made)
+    with pytest.raises(TypeError, match=r"keys of a `StateAxes`.*not filters to axes"):
+        ep.StateAxes({ep.ParamState: 0, ...: None})  # pyright: ignore[reportArgumentType]
+
+
+def test_a_filter_reading_a_states_value_says_filters_see_no_values():
+    with pytest.raises(ValueError, match=r"reads the value of the state at \['w'\]"):
+        ep.pmap2_new_states(
+            lambda: {"w": ep.ShortTermState(jnp.zeros(2))},
+            state_out_axes={None: lambda v: (v == 0).all()},
+        )

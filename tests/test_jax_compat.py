@@ -427,3 +427,12 @@ def test_per_device_mesh_context_moves_closed_over_arrays_into_the_body():
     assert meshes and all(
         m.axis_types == (jax.sharding.AxisType.Manual,) for m in meshes
     )
+
+
+def test_unbound_axis_reads_jaxs_error():
+    # `_trace` turns JAX's error for a collective over an axis name nobody binds into
+    # one naming both axes; it reads the name from JAX's message.
+    with pytest.raises(NameError) as caught:
+        jax.make_jaxpr(lambda x: lax.psum(x, "batch"), axis_env=[(AX, N)])(1.0)
+    assert _jax_compat.unbound_axis(caught.value) == "batch"
+    assert _jax_compat.unbound_axis(NameError("name 'x' is not defined")) is None

@@ -275,3 +275,29 @@ def test_map_init_state_axes_with_several_axes(behavior):
     np.testing.assert_array_equal(
         np.asarray(mp.module.h.value)[:, 0], np.arange(N, dtype=np.float32)
     )
+
+
+class _Scaled(eqx.Module):
+    w: ep.ParamState | None = None
+
+    def init_state(self):
+        return _Scaled(ep.ParamState(jnp.ones(3)))
+
+    def __call__(self, x, scale=1.0):
+        assert self.w is not None
+        return (x * self.w.value).sum() * scale
+
+
+@pytest.mark.parametrize("behavior", ["pmap", "vmap"])
+def test_map_keyword_arguments_that_are_not_arrays_are_static(behavior):
+    n = N if behavior == "pmap" else 4
+    mp = ep.Map(_Scaled(), init_map_size=n, behavior=behavior).init_all_states()
+    out = mp(jnp.ones((n, 3)), scale=3.0)
+    np.testing.assert_array_equal(np.asarray(out), np.full(n, 9.0))
+
+
+@pytest.mark.parametrize("behavior", ["pmap", "vmap"])
+def test_calling_a_map_before_init_all_states_says_so(behavior):
+    mp = ep.Map(_Scaled(), init_map_size=N, behavior=behavior)
+    with pytest.raises(ValueError, match=r"Call `init_all_states` first"):
+        mp(jnp.ones((N, 3)))

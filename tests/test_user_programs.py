@@ -304,6 +304,35 @@ def test_zero_size_states_keep_their_device_axis(leaks):
         assert {s.data.shape[0] for s in x.addressable_shards} == {1}
 
 
+def _key_builder():
+    key = jax.random.fold_in(jax.random.key(0), jax.lax.axis_index("devices"))
+    return {"keys": jax.random.split(key, (0,)), "f": jnp.zeros((0,))}
+
+
+def test_zero_size_key_arrays_read_back_on_every_call():
+    # With JAX 0.10, a program naming the layout of a zero-size key array gave every
+    # device the whole array from the second call on (the first's layout was checked
+    # and named): such leaves are now made outside the program, as other zero-size ones.
+    for _ in range(3):
+        made = ep.pmap2_new_states(_key_builder)
+        keys = made["keys"]
+        assert keys.shape == (N, 0) and jnp.issubdtype(keys.dtype, jax.dtypes.prng_key)
+        assert {s.data.shape for s in keys.addressable_shards} == {(1, 0)}
+        assert np.asarray(jax.random.key_data(keys)).shape == (N, 0, 2)
+    split = ep.pmap2(lambda k: jax.random.split(k, (0,)))
+    for _ in range(3):
+        out = split(jax.random.split(jax.random.key(1), N))
+        assert {s.data.shape for s in out.addressable_shards} == {(1, 0)}
+
+
+def test_a_zero_size_output_may_be_asked_replicated():
+    # No element of it can differ between devices: nothing to prove.
+    x = _per_device(jnp.zeros(3))
+    out = ep.pmap2(lambda x: x[:0] * 2, out_axes=None)(x)
+    assert out.shape == (0,)
+    assert_laid_out(out, None)
+
+
 # --------------------------------------------------------------------------- 9. restored model
 
 

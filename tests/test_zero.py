@@ -364,3 +364,33 @@ def test_reductions_over_whole_parameters_leave_the_padding_out():
     model, *_ = train_zero(tx, steps=3)
     ref, *_ = train_replicated(tx, steps=3)
     assert_same_params(model, ref)
+
+
+def test_a_zero_size_parameter_is_kept_replicated():
+    # Its slices and state are zero-size, and so no element differs between devices.
+    params = ep.pmap2_new_states(
+        lambda: {"w": jnp.ones(3), "c": jnp.zeros((0,))}, state_out_axes={None: ...}
+    )
+    x = jnp.arange(8.0 * 3).reshape(8, 3)
+    tx, z = optax.adam(1e-2), ep.zero(optax.adam(1e-2))
+
+    def loss(p, x):
+        return jnp.sum(p["w"] * x) + jnp.sum(p["c"])
+
+    @ep.pmap2
+    def plain(p, s, x):
+        g = jax.lax.pmean(jax.grad(loss)(p, x), "devices")
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    @ep.pmap2
+    def sharded(p, s, x):
+        u, s = z.update(jax.grad(loss)(p, x), s, p)
+        return optax.apply_updates(p, u), s
+
+    want, _ = plain(params, ep.pmap2(tx.init)(params), x)
+    got, state = sharded(params, ep.pmap2(z.init)(params), x)
+    np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+    assert got["c"].shape == (0,)
+    assert_laid_out(got["w"], None)
+    assert_laid_out(got["c"], None)

@@ -4,6 +4,7 @@ prefix (maybe holding `StateAxes`) read leaf by leaf, bound to a call's argument
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import jax.tree_util as jtu
@@ -12,7 +13,7 @@ import numpy as np
 from .._assign import assign_axis, normalize_out_axes
 from .._filters import OutAxes
 from .._layout import DEFAULT
-from .._tree import broadcast_prefix, iter_states
+from .._tree import broadcast_prefix, iter_states, keystr
 
 
 class StateAxes:
@@ -31,7 +32,7 @@ class StateAxes:
     __slots__ = ("spec",)
 
     def __init__(self, axes: OutAxes):
-        self.spec = normalize_out_axes(axes)
+        self.spec = normalize_out_axes(axes, "a `StateAxes`")
 
     def __eq__(self, other):
         return isinstance(other, StateAxes) and other.spec == self.spec
@@ -42,11 +43,12 @@ class StateAxes:
     def __repr__(self):
         return f"StateAxes({dict(self.spec)!r})"
 
-    def axes_of(self, tree) -> dict:
-        """A dict from the path of each array leaf of `tree` to its axis, as written."""
+    def axes_of(self, tree, show: Callable[[tuple], str] = keystr) -> dict:
+        """A dict from the path of each array leaf of `tree` to its axis, as written.
+        `show` writes a path in messages."""
         out = {}
         for ref in iter_states(tree):
-            axis = assign_axis(self.spec, ref)
+            axis = assign_axis(self.spec, ref, None, "the `StateAxes`", show)
             out.update((p, axis) for p, _ in ref.leaves)
         return out
 

@@ -103,7 +103,7 @@ def given_axes(in_axes, args, kwargs, flat, fun=None, axis_name="devices") -> li
     if in_axes is DEFAULT:
         given = [DEFAULT] * n
     elif isinstance(in_axes, StateAxes):
-        by_path = in_axes.axes_of((args, kwargs))
+        by_path = in_axes.axes_of((args, kwargs), show=where)
         given = [by_path.get(p, DEFAULT) for p, _ in flat[:n]]
     else:
         positional, by_name = bound_axes(in_axes, args, kwargs, fun)

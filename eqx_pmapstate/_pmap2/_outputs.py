@@ -9,7 +9,7 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from .._layout import DEFAULT, Inherited
+from .._layout import DEFAULT, Inherited, output_name
 from .._trace import is_output_array
 from .._tree import is_arraylike
 from ._axes import prefix_axes, StateAxes
@@ -144,7 +144,7 @@ def want_of(out_axes, candidates):
 
     def want(out, flat):
         if isinstance(out_axes, StateAxes):
-            by_path = out_axes.axes_of(out)
+            by_path = out_axes.axes_of(out, show=output_name)
             wanted = [by_path.get(p, DEFAULT) for p, _ in flat]
         elif out_axes is not DEFAULT:
             wanted = prefix_axes(out_axes, out, "out_axes")
