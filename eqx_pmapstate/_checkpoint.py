@@ -4,14 +4,19 @@ With Orbax (`orbax-checkpoint`, the `checkpoint` extra) a checkpoint is a direct
 every process writes and reads only its own shards: loading creates each array with its
 final sharding. Without it, `equinox.tree_serialise_leaves` writes one file, and loading
 reads each array on the host and puts it straight into its sharding (never whole on one
-device). Orbax is required with several processes. Only arrays are stored; everything
-else (static fields, functions, the tree's structure) comes from `like` when loading.
+device). Orbax is required with several processes. Only arrays are stored, with the key
+path of each (in Orbax's custom metadata, or after the arrays of Equinox's file);
+everything else (static fields, functions, the tree's structure) comes from `like` when
+loading, once `like` is checked to have its arrays at the same paths.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pathlib
+import struct
 from typing import Any, Literal
 
 import equinox as eqx
@@ -30,6 +35,7 @@ from ._recount import (
     refuse_unchosen_recounts,
 )
 from ._relayout import abstract
+from ._tree import keystr
 
 
 Backend = Literal["auto", "orbax", "equinox"]
@@ -159,9 +165,13 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     **Arguments:**
 
     - `path`: where to write: a directory with Orbax (which must not exist yet), a file
-        with Equinox's serialisation.
+        with Equinox's serialisation (`.eqx` is added to a name without a suffix, as
+        Equinox does).
     - `tree`: any pytree, typically a model made by `pmap2_new_states` or a training
-        state. Its arrays are written with their values; the rest is not stored.
+        state. Its arrays are written with their values, and with the key path of each
+        (`.linear.weight`), which `load` compares with `like`'s; the rest is not stored.
+        The file written with Equinox's serialisation is still read by
+        `eqx.tree_deserialise_leaves`.
     - `backend`: `"orbax"`, `"equinox"`, or `"auto"` (Orbax when it is installed).
 
     **Returns:**
@@ -170,13 +180,64 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     """
     kind = _backend(path, backend, saving=True)
     arrays = jtu.tree_map(lambda x: _stored(x, kind), eqx.filter(tree, eqx.is_array))
+    record = _record(arrays)
     if kind == "orbax":
         ocp = _orbax()
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.abspath(os.fspath(path)), arrays)
+        checkpointer.save(
+            os.path.abspath(os.fspath(path)), arrays, custom_metadata={_RECORD: record}
+        )
         checkpointer.wait_until_finished()
     else:
-        eqx.tree_serialise_leaves(pathlib.Path(path), arrays, filter_spec=_write)
+        with open(_eqx_file(path), "wb") as f:
+            eqx.tree_serialise_leaves(f, arrays, filter_spec=_write)
+            _write_record(f, record)
+
+
+_RECORD = "eqx_pmapstate"  # our entry in Orbax's custom metadata
+_END = b"EPSTREE1"  # the last bytes of an Equinox file that ends with the record
+
+
+def _record(arrays) -> dict:
+    """What `save` writes beside the arrays: the key path of each, in the order Equinox's
+    file holds them, as shown in messages and as plain names (compared when loading)."""
+    flat = jtu.tree_flatten_with_path(arrays)[0]
+    return {"arrays": [[keystr(p), list(_names(p))] for p, _ in flat]}
+
+
+def _eqx_file(path) -> pathlib.Path:
+    """The file Equinox's serialisation uses for `path`: `.eqx` added to a name without
+    a suffix."""
+    path = pathlib.Path(path)
+    return path.with_suffix(".eqx") if path.suffix == "" else path
+
+
+def _write_record(f, record: dict) -> None:
+    """Appends `record` to an Equinox file, after its arrays: Equinox reads the arrays as
+    before and ignores it."""
+    data = json.dumps(record).encode()
+    f.write(data + struct.pack("<Q", len(data)) + _END)
+
+
+def _read_record(f) -> tuple[dict | None, int]:
+    """The record at the end of an Equinox file (None if it has none: it was written by
+    `eqx.tree_serialise_leaves`, or by `save` before it wrote one), and where the arrays
+    end."""
+    end = f.seek(0, os.SEEK_END)
+    tail = 8 + len(_END)
+    if end >= tail:
+        f.seek(end - tail)
+        last = f.read(tail)
+        (size,) = struct.unpack("<Q", last[:8])
+        if last[8:] == _END and size <= end - tail:
+            f.seek(end - tail - size)
+            return json.loads(f.read(size)), end - tail - size
+    return None, end
+
+
+def _shown_paths(record: dict) -> dict[tuple, str]:
+    """The record's array paths: their plain names to their paths as shown."""
+    return {tuple(names): shown for shown, names in record["arrays"]}
 
 
 def load(
@@ -193,6 +254,15 @@ def load(
     host and put straight into its sharding. The result can go into a `pmap2` step as
     `like` would.
 
+    Before any value is read, the checkpoint's arrays are checked to be at the key paths
+    of `like`'s arrays: a leaf saved as an array that is `None` (or missing, or not an
+    array) in `like`, or an array of `like` that the checkpoint does not have, is an
+    error naming it, never a value read into another leaf or silently dropped. Arrays are
+    matched by their paths (their names: a model's field `.w` matches a dict's `['w']`),
+    not by their order. A file written by `eqx.tree_serialise_leaves`, or by `save`
+    before it recorded the paths, is checked by its number of arrays, then by each
+    array's shape and dtype in order.
+
     A checkpoint made for another number of devices loads into a `like` made for the
     devices you have: replicated leaves are read as they are, and each per-device leaf
     (saved with `n` entries along its device axis, `m` in `like`) becomes what
@@ -204,7 +274,9 @@ def load(
     - `like`: a tree laid out as wanted: the model as `pmap2_new_states` made it, or
         [`eqx_pmapstate.abstract`][] of it, or
         [`eqx_pmapstate.eval_new_states`][] (nothing is computed to get it). Static
-        fields and the tree's structure come from it.
+        fields and the tree's structure come from it; it must have arrays at the paths
+        where the checkpoint has them, and nowhere else (build it as the saved tree was
+        built). It is not changed.
     - `per_device`: only for a checkpoint made for another number of devices, what each
         per-device leaf becomes: `"first"` (the first saved device's entry, on every
         device), an index (that saved device's entry, on every device), `"mean"` (the
@@ -224,10 +296,11 @@ def load(
 
     **Raises:**
 
-    `ValueError` naming the leaves whose shape or dtype on disk differs from `like`'s
-    (other than in the number of devices), the per-device leaves of a checkpoint made for
-    another number of devices when `per_device` is not given, and a `like` laid out for
-    devices that are not here.
+    `ValueError` naming the leaves that are arrays in the checkpoint but not in `like`
+    or the other way round, the leaves whose shape or dtype on disk differs from
+    `like`'s (other than in the number of devices), the per-device leaves of a checkpoint
+    made for another number of devices when `per_device` is not given, and a `like` laid
+    out for devices that are not here.
     """
     kind = _backend(path, backend, saving=False)
     like_arrays = eqx.filter(like, _is_array_or_struct)
@@ -236,9 +309,9 @@ def load(
     choices = leaf_choices(per_device, spec, ALLOWED, "load")
     target = jtu.tree_map(lambda x: _stored_like(x, kind), spec)
     if kind == "orbax":
-        arrays, recounts = _load_orbax(path, target, choices)
+        arrays, recounts = _load_orbax(path, target, choices, like)
     else:
-        arrays, recounts = _load_equinox(path, target, choices)
+        arrays, recounts = _load_equinox(path, target, choices, like)
     arrays = jtu.tree_map(_restored, arrays, like_arrays)
     flat, treedef = jtu.tree_flatten(arrays)
     flat = [
@@ -253,25 +326,69 @@ def _is_array_or_struct(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def _load_orbax(path, target, choices):
-    ocp = _orbax()
-    checkpointer = ocp.StandardCheckpointer()
+def _load_orbax(path, target, choices, like):
+    checkpointer = _orbax().StandardCheckpointer()
     path = os.path.abspath(os.fspath(path))
-    recounts = _check_orbax_shapes(checkpointer, path, target, choices)
-    flat, treedef = jtu.tree_flatten(target)
-    flat = [
-        x
-        if r is None
-        else jax.ShapeDtypeStruct(
-            _saved_shape(x, r), x.dtype, sharding=r.read_sharding()
-        )
-        for x, r in zip(flat, recounts)
+    stored = _orbax_metadata(checkpointer, path)
+    if stored is None:  # another layout of the metadata: Orbax checks
+        return checkpointer.restore(path, target), [None] * len(jtu.tree_leaves(target))
+    tree, saved = stored
+    _check_structure(saved, like)
+    flat, treedef = jtu.tree_flatten_with_path(target)
+    on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(tree)[0]}
+    found = [
+        _fit(p, on_disk[_names(p)], x, choice)
+        for (p, x), choice in zip(flat, choices, strict=True)
     ]
-    return checkpointer.restore(path, treedef.unflatten(flat)), recounts
+    recounts = _checked(found)
+    wanted = {_names(p): _read_as(x, r) for (p, x), r in zip(flat, recounts)}
+    # Read into the saved tree itself (its Nones and containers as Orbax wrote them).
+    item = jtu.tree_map_with_path(lambda p, _: wanted[_names(p)], tree)
+    read = jtu.tree_flatten_with_path(checkpointer.restore(path, item))[0]
+    by_names = {_names(p): value for p, value in read}
+    return treedef.unflatten([by_names[_names(p)] for p, _ in flat]), recounts
 
 
-def _saved_shape(x, r) -> tuple:
-    return r.saved_shape
+def _orbax_metadata(checkpointer, path) -> tuple[Any, dict[tuple, str]] | None:
+    """The checkpoint's tree of array metadata (dicts and lists, None where no array was
+    saved), and its arrays' plain names to their paths as shown; None when Orbax lays
+    out its metadata otherwise."""
+    try:
+        metadata = checkpointer.metadata(path)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        flat = jtu.tree_flatten_with_path(tree)[0]
+    except Exception:  # noqa: BLE001  (another layout of the metadata)
+        return None
+    record = (getattr(metadata, "custom_metadata", None) or {}).get(_RECORD)
+    shown = _shown_paths(record) if record else {}  # none before `save` wrote it
+    return tree, {_names(p): shown.get(_names(p), _orbax_shown(p)) for p, _ in flat}
+
+
+def _orbax_shown(path) -> str:
+    """A path of Orbax's metadata, shown as a model's would be: `.layers[0].weight`."""
+    names = _names(path)
+    parts = [
+        f"[{n}]" if isinstance(k, jtu.SequenceKey) else f".{n}"
+        for k, n in zip(path, names, strict=True)
+    ]
+    return "".join(parts) or "<root>"
+
+
+def _fit(path, m, x, choice) -> Recount | str | None:
+    """How leaf `x` of `like` (as stored) takes the array of metadata `m` (see
+    `classify`); metadata without a shape is left to Orbax."""
+    if not hasattr(m, "shape"):
+        return None
+    return classify(path, m.shape, getattr(m, "dtype", None), x, choice)
+
+
+def _read_as(x, r: Recount | None):
+    """What Orbax reads for leaf `x`: itself, or for a recount, the saved array whole,
+    replicated over `like`'s mesh."""
+    if r is None:
+        return x
+    return jax.ShapeDtypeStruct(r.saved_shape, x.dtype, sharding=r.read_sharding())
 
 
 def _names(path) -> tuple:
@@ -285,27 +402,41 @@ def _names(path) -> tuple:
     return tuple(out)
 
 
-def _check_orbax_shapes(checkpointer, path, target, choices) -> list:
-    """Per leaf of `target`, `None` (read as it is) or a `Recount` (a per-device leaf
-    saved for another number of devices); names the leaves whose stored shape or dtype
-    differs otherwise (Orbax's own error gives the shapes only). Leaves it cannot pair
-    up are left to Orbax."""
-    flat = jtu.tree_flatten_with_path(target)[0]
-    try:
-        stored = checkpointer.metadata(path)
-        stored = getattr(stored, "item_metadata", stored)
-        stored = getattr(stored, "tree", stored)
-        on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(stored)[0]}
-    except Exception:  # noqa: BLE001  (another layout of the metadata: Orbax checks)
-        return [None] * len(flat)
-    found = []
-    for (p, x), choice in zip(flat, choices, strict=True):
-        m = on_disk.get(_names(p))
-        if m is None or not hasattr(m, "shape"):
-            found.append(None)
-        else:
-            found.append(classify(p, m.shape, getattr(m, "dtype", None), x, choice))
-    return _checked(found)
+def _check_structure(saved: dict[tuple, str], like) -> None:
+    """Raises unless the checkpoint's arrays (`saved`: their plain names to their paths
+    as shown) are at the paths of `like`'s arrays, naming those that are not."""
+    leaves = jtu.tree_flatten_with_path(like, is_leaf=_is_none)[0]
+    in_like = {_names(p): (p, x) for p, x in leaves}
+    bad = []
+    for names, shown in saved.items():
+        if names not in in_like:
+            bad.append(f"{shown} is an array in the checkpoint but not in `like`")
+        elif not _is_array_or_struct(x := in_like[names][1]):
+            what = "None" if x is None else f"of type `{type(x).__name__}`"
+            shown = keystr(in_like[names][0])
+            bad.append(f"{shown} is an array in the checkpoint but {what} in `like`")
+    bad += [
+        f"{keystr(p)} is an array in `like` but not in the checkpoint"
+        for names, (p, x) in in_like.items()
+        if _is_array_or_struct(x) and names not in saved
+    ]
+    if bad:
+        raise ValueError(
+            "The checkpoint was saved from a tree of another structure than `like`: "
+            f"{_listed(bad)}. {_REBUILD}"
+        )
+
+
+_REBUILD = (
+    "Build `like` with the structure of the tree that was saved (for a model, the same "
+    "constructor arguments, so that the same fields hold arrays and the same are None); "
+    "to keep only some of the saved arrays, load into such a `like` and take them from "
+    "the result."
+)
+
+
+def _is_none(x) -> bool:
+    return x is None
 
 
 def _checked(found: list) -> list:
@@ -316,35 +447,66 @@ def _checked(found: list) -> list:
     return recounts
 
 
-def _load_equinox(path, target, choices):
-    flat = jtu.tree_flatten_with_path(target)[0]
-    at = iter(zip(flat, choices, strict=True))
-    found: list = []
-
-    def read(f, x):
-        if not isinstance(x, jax.ShapeDtypeStruct):
-            return eqx.default_deserialise_filter_spec(f, x)
-        (p, _), choice = next(at)
-        value = _as_dtype_of(np.load(f), x)
-        found.append(classify(p, value.shape, value.dtype, x, choice))
-        if found[-1] is None:
-            return jax.device_put(value, x.sharding)
-        if isinstance(found[-1], Recount):
-            # Equinox wants an array of `like`'s shape here: the value is kept aside
-            recounted[len(found) - 1] = jax.device_put(value, found[-1].read_sharding())
-            return jnp.zeros(x.shape, x.dtype)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)  # reported below
-
-    recounted: dict[int, jax.Array] = {}
-    try:
-        out = eqx.tree_deserialise_leaves(pathlib.Path(path), target, filter_spec=read)
-    except RuntimeError:
-        _raise_mismatches([f for f in found if isinstance(f, str)])
-        raise
+def _load_equinox(path, target, choices, like):
+    flat, treedef = jtu.tree_flatten_with_path(target)
+    values: list = [None] * len(flat)
+    found: list = [None] * len(flat)
+    with open(_eqx_file(path), "rb") as f:
+        for k in _file_order(f, flat, like):
+            values[k], found[k] = _read(f, flat[k], choices[k])
     recounts = _checked(found)
-    leaves, treedef = jtu.tree_flatten(out)
-    leaves = [recounted.get(k, x) for k, x in enumerate(leaves)]
-    return treedef.unflatten(leaves), recounts
+    return treedef.unflatten(values), recounts
+
+
+def _file_order(f, flat, like) -> list[int]:
+    """The indices of `flat` (`like`'s arrays, as stored) in the order the file holds
+    them, once the file is checked to hold `like`'s arrays; leaves `f` at its start."""
+    record, end = _read_record(f)
+    f.seek(0)
+    if record is None:  # a file without paths: only their number can be checked
+        _check_count(_count_arrays(f, end), len(flat))
+        f.seek(0)
+        return list(range(len(flat)))
+    _check_structure(_shown_paths(record), like)
+    index = {_names(p): k for k, (p, _) in enumerate(flat)}
+    return [index[tuple(names)] for _, names in record["arrays"]]
+
+
+def _count_arrays(f, end: int) -> int:
+    """The number of arrays NumPy wrote in `f` before `end`, counted by their headers."""
+    count = 0
+    while f.tell() < end:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        f.seek(math.prod(shape) * dtype.itemsize, os.SEEK_CUR)
+        count += 1
+    return count
+
+
+def _check_count(saved: int, wanted: int) -> None:
+    if saved != wanted:
+        raise ValueError(
+            f"The checkpoint holds {saved} array{'s' * (saved != 1)} and `like` "
+            f"{wanted}, so it was saved from a tree of another structure than `like`. "
+            "Its file does not record the paths of its arrays (it was written by "
+            "`eqx.tree_serialise_leaves`, or by an older `eqx_pmapstate.save`), so they "
+            f"cannot be named. {_REBUILD}"
+        )
+
+
+def _read(f, leaf, choice) -> tuple[jax.Array | None, Recount | str | None]:
+    """The next array of `f`, put where leaf `x` of `like` (as stored) wants it, and how
+    it fits (see `classify`); a mismatch is read but not kept."""
+    path, x = leaf
+    value = _as_dtype_of(np.load(f), x)
+    fit = classify(path, value.shape, value.dtype, x, choice)
+    if isinstance(fit, str):
+        return None, fit
+    sharding = x.sharding if fit is None else fit.read_sharding()
+    return jax.device_put(value, sharding), fit
 
 
 def _numpy_names(dtype) -> bool:
@@ -380,13 +542,15 @@ def _as_dtype_of(value: np.ndarray, x):
     return value
 
 
+def _listed(bad: list[str]) -> str:
+    """Descriptions of leaves for an error message, cut after six."""
+    return "; ".join(bad[:6]) + (f"; and {len(bad) - 6} more" if len(bad) > 6 else "")
+
+
 def _raise_mismatches(bad: list[str]) -> None:
     if bad:
-        shown = "; ".join(bad[:6]) + (
-            f"; and {len(bad) - 6} more" if len(bad) > 6 else ""
-        )
         raise ValueError(
-            f"The checkpoint does not fit `like`: {shown}. Load it with a `like` of the "
-            "tree it was saved from (the same model and states; a per-device leaf may "
-            "have another number of devices, see `per_device`)."
+            f"The checkpoint does not fit `like`: {_listed(bad)}. Load it with a "
+            "`like` of the tree it was saved from (the same model and states; a "
+            "per-device leaf may have another number of devices, see `per_device`)."
         )

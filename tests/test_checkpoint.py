@@ -241,3 +241,128 @@ def test_the_layout_for_more_devices_than_are_here(tmp_path):
     )
     with pytest.raises(ValueError, match="larger than the number of local devices"):
         ep.pmap2_new_states(_make, {"key": jax.random.key(0)}, axis_size=2 * N)
+
+
+class Parts(eqx.Module):
+    w: jax.Array
+    b: jax.Array | None
+    h: jax.Array | None
+
+
+def _parts(b=None, h=None):
+    """A replicated `Parts` whose optional fields are arrays where given."""
+    return ep.pmap2_new_states(
+        lambda: Parts(
+            jnp.ones(3),
+            None if b is None else jnp.asarray(b, jnp.float32),
+            None if h is None else jnp.asarray(h, jnp.float32),
+        ),
+        state_out_axes={None: ...},
+    )
+
+
+def _refused(path, like, backend):
+    """The message of `load`'s ValueError, `like` left as it was."""
+    before = jax.tree.map(np.asarray, like)
+    with pytest.raises(ValueError) as e:
+        ep.load(path, like, backend=backend)
+    jax.tree.map(np.testing.assert_array_equal, like, before)
+    return str(e.value)
+
+
+_REBUILD = "Build `like` with the structure of the tree that was saved"
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_a_saved_leaf_that_is_none_in_like_is_refused(backend, tmp_path):
+    ep.save(tmp_path / "ckpt", _parts(b=[7, 7]), backend=backend)
+    message = _refused(tmp_path / "ckpt", _parts(), backend)
+    assert ".b is an array in the checkpoint but None in `like`" in message
+    assert _REBUILD in message
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_a_leaf_of_like_that_was_not_saved_is_refused(backend, tmp_path):
+    ep.save(tmp_path / "ckpt", _parts(), backend=backend)
+    message = _refused(tmp_path / "ckpt", _parts(b=[0, 0]), backend)
+    assert message.startswith(
+        "The checkpoint was saved from a tree of another structure than `like`: .b is "
+        "an array in `like` but not in the checkpoint. " + _REBUILD
+    )
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_a_saved_leaf_is_not_read_into_another_field(backend, tmp_path):
+    # Equinox's files are read in order: `b` would have been read into `h`.
+    ep.save(tmp_path / "ckpt", _parts(b=[7, 7]), backend=backend)
+    message = _refused(tmp_path / "ckpt", _parts(h=[0, 0]), backend)
+    assert message.startswith(
+        "The checkpoint was saved from a tree of another structure than `like`: .b is "
+        "an array in the checkpoint but None in `like`; .h is an array in `like` but "
+        "not in the checkpoint. " + _REBUILD
+    )
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_a_matching_structure_loads_bitwise(backend, tmp_path, leaks):
+    saved = _parts(b=[7.5, -0.0], h=[1e-30, np.inf])
+    ep.save(tmp_path / "ckpt", saved, backend=backend)
+    if backend == "equinox":
+        assert (tmp_path / "ckpt.eqx").is_file()  # named as Equinox names it
+    like = _parts(b=[0, 0], h=[0, 0])
+    for into in (like, ep.abstract(like)):
+        got = ep.load(tmp_path / "ckpt", into, backend=backend)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(saved), strict=True):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+            assert_laid_out(x, None)
+    assert np.array_equal(like.b, [0, 0])  # `like` is left as it was
+
+
+class Reordered(eqx.Module):  # `Parts`'s arrays, its fields in another order
+    h: jax.Array
+    w: jax.Array
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_arrays_are_read_by_path_not_by_position(backend, tmp_path, leaks):
+    ep.save(tmp_path / "ckpt", _parts(h=[7, 7, 7]), backend=backend)
+    like = ep.pmap2_new_states(
+        lambda: Reordered(jnp.zeros(3), jnp.zeros(3)), state_out_axes={None: ...}
+    )
+    got = ep.load(tmp_path / "ckpt", like, backend=backend)
+    assert np.array_equal(got.h, [7, 7, 7]) and np.array_equal(got.w, [1, 1, 1])
+
+
+def test_a_file_without_paths_is_checked_by_its_number_of_arrays(tmp_path, leaks):
+    # Written by Equinox itself (or by an older `save`): only the arrays, in order.
+    eqx.tree_serialise_leaves(tmp_path / "plain.eqx", _parts(b=[7, 7]))
+    message = _refused(tmp_path / "plain.eqx", _parts(), "equinox")
+    assert message.startswith(
+        "The checkpoint holds 2 arrays and `like` 1, so it was saved from a tree of "
+        "another structure than `like`."
+    )
+    assert _REBUILD in message
+    got = ep.load(tmp_path / "plain.eqx", _parts(b=[0, 0]), backend="equinox")
+    assert np.array_equal(got.b, [7, 7])
+
+
+def test_an_orbax_checkpoint_without_paths_is_checked_by_its_metadata(tmp_path, leaks):
+    # Written by Orbax itself (or by an older `save`): Orbax's metadata names the arrays.
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "plain", eqx.filter(_parts(b=[7, 7]), eqx.is_array))
+    checkpointer.wait_until_finished()
+    message = _refused(tmp_path / "plain", _parts(h=[0, 0]), "orbax")
+    assert (
+        ".b is an array in the checkpoint but None in `like`; .h is an array" in message
+    )
+    got = ep.load(tmp_path / "plain", _parts(b=[0, 0]), backend="orbax")
+    assert np.array_equal(got.b, [7, 7])
+
+
+def test_equinox_reads_the_file_as_before(tmp_path, leaks):
+    saved = _parts(b=[7, 7])
+    ep.save(tmp_path / "ckpt", saved, backend="equinox")
+    got = eqx.tree_deserialise_leaves(tmp_path / "ckpt", _parts(b=[0, 0]))
+    assert np.array_equal(got.b, [7, 7]) and np.array_equal(got.w, saved.w)
