@@ -232,7 +232,7 @@ def load(
     kind = _backend(path, backend, saving=False)
     like_arrays = eqx.filter(like, _is_array_or_struct)
     spec = abstract(like_arrays)
-    refuse_abstract_meshes(jtu.tree_flatten_with_path(spec)[0])
+    refuse_abstract_meshes(jtu.tree_flatten_with_path(spec)[0], spec)
     choices = leaf_choices(per_device, spec, ALLOWED, "load")
     target = jtu.tree_map(lambda x: _stored_like(x, kind), spec)
     if kind == "orbax":
@@ -304,7 +304,9 @@ def _check_orbax_shapes(checkpointer, path, target, choices) -> list:
         if m is None or not hasattr(m, "shape"):
             found.append(None)
         else:
-            found.append(classify(p, m.shape, getattr(m, "dtype", None), x, choice))
+            found.append(
+                classify(p, m.shape, getattr(m, "dtype", None), x, choice, target)
+            )
     return _checked(found)
 
 
@@ -326,7 +328,7 @@ def _load_equinox(path, target, choices):
             return eqx.default_deserialise_filter_spec(f, x)
         (p, _), choice = next(at)
         value = _as_dtype_of(np.load(f), x)
-        found.append(classify(p, value.shape, value.dtype, x, choice))
+        found.append(classify(p, value.shape, value.dtype, x, choice, target))
         if found[-1] is None:
             return jax.device_put(value, x.sharding)
         if isinstance(found[-1], Recount):
