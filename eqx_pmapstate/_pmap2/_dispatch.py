@@ -145,7 +145,9 @@ def finish(entry: Entry, dyn: Sequence, outs: Sequence):
     if compiled.extra_out:
         *outs, flags = outs
         if entry.check == "runtime":
-            bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
+            bad = [
+                output_name(p, compiled.treedef) for p in compiled.mismatched(flags)
+            ]  # waits
             if bad:
                 raise differing_outputs(bad, entry.axis_name)
     leaves = compiled.out_leaves(dyn, outs)
