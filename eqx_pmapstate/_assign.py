@@ -8,7 +8,7 @@ import numpy as np
 
 from ._filters import Everything, Filter, to_predicate
 from ._state import NonBatchState, State
-from ._tree import keystr
+from ._tree import path_name
 
 
 def normalize_out_axes(state_out_axes) -> tuple[tuple[int | None, Filter], ...]:
@@ -55,12 +55,13 @@ def assign_axis(spec, ref, matched: list | None = None) -> int | None:
     axes = list(dict.fromkeys(hits or catch_all))
     if len(axes) > 1:
         shown = ", ".join("None" if a is None else str(a) for a in axes)
+        root = ref.ancestors[0] if ref.ancestors else None
         raise ValueError(
-            f"The state at {keystr(ref.path)} ({state_kind(ref.state)}) is matched by "
-            f"the filters of several axes in `state_out_axes`: {shown}. Each state must "
-            "go to one axis; make the filters exclusive (for example with `filters.Not`), "
-            "or use `...` for a catch-all, which only counts for states no other filter "
-            "matched."
+            f"The state at {path_name(ref.path, root)} ({state_kind(ref.state)}) is "
+            f"matched by the filters of several axes in `state_out_axes`: {shown}. Each "
+            "state must go to one axis; make the filters exclusive (for example with "
+            "`filters.Not`), or use `...` for a catch-all, which only counts for states "
+            "no other filter matched."
         )
     return axes[0] if axes else 0
 
