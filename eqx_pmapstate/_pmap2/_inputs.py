@@ -278,11 +278,12 @@ def read_inputs(
     given = given_axes(in_axes, args, kwargs, flat, fun, axis_name)
     _check_argument_layouts(args, kwargs, flat, given, axis_name)
     dyn_index, dyn_axes, layout = [], [], []
+    tree = (args, kwargs, fun)  # the paths are in it (`fun`: a callable pytree)
     for i, ((path, x), g) in enumerate(zip(flat, given)):
         if not is_arraylike(x):
             layout.append(DEFAULT)
             continue
-        axis = _input_axis(path, x, g, mesh, n, axis_name, (args, kwargs, fun))
+        axis = _input_axis(path, x, g, mesh, n, axis_name, tree)
         layout.append(axis)
         dyn_axes.append(axis)
         dyn_index.append(i)
