@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from ._filters import Everything, Filter, to_predicate
 from ._state import NonBatchState, State
-from ._tree import keystr
+from ._tree import path_name
 
 
 def normalize_out_axes(
@@ -63,12 +64,15 @@ def assign_axis(
     ref,
     matched: list | None = None,
     where: str = "`state_out_axes`",
-    show: Callable[[tuple], str] = keystr,
+    show: Callable[[tuple], str] | None = None,
 ) -> int | None:
     """The axis (as written by the user, maybe negative) of one state (a
     `_tree.StateRef`). `matched`, if given, has one flag per filter of `spec`, set for
     each filter that matches this state. `where` names the argument and `show` writes
-    a path, in messages."""
+    a path, in messages (by default as `path_name` does)."""
+    if show is None:
+        root = ref.ancestors[0] if ref.ancestors else None
+        show = functools.partial(path_name, tree=root)
     hits, catch_all = [], []
     for i, (axis, f) in enumerate(spec):
         if not _asked(f, ref, axis, where, show):

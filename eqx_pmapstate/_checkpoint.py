@@ -35,7 +35,7 @@ from ._recount import (
     refuse_unchosen_recounts,
 )
 from ._relayout import abstract
-from ._tree import keystr
+from ._tree import path_name
 
 
 Backend = Literal["auto", "orbax", "equinox"]
@@ -202,7 +202,7 @@ def _record(arrays) -> dict:
     """What `save` writes beside the arrays: the key path of each, in the order Equinox's
     file holds them, as shown in messages and as plain names (compared when loading)."""
     flat = jtu.tree_flatten_with_path(arrays)[0]
-    return {"arrays": [[keystr(p), list(_names(p))] for p, _ in flat]}
+    return {"arrays": [[path_name(p, arrays), list(_names(p))] for p, _ in flat]}
 
 
 def _eqx_file(path) -> pathlib.Path:
@@ -305,7 +305,7 @@ def load(
     kind = _backend(path, backend, saving=False)
     like_arrays = eqx.filter(like, _is_array_or_struct)
     spec = abstract(like_arrays)
-    refuse_abstract_meshes(jtu.tree_flatten_with_path(spec)[0])
+    refuse_abstract_meshes(jtu.tree_flatten_with_path(spec)[0], spec)
     choices = leaf_choices(per_device, spec, ALLOWED, "load")
     target = jtu.tree_map(lambda x: _stored_like(x, kind), spec)
     if kind == "orbax":
@@ -337,7 +337,7 @@ def _load_orbax(path, target, choices, like):
     flat, treedef = jtu.tree_flatten_with_path(target)
     on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(tree)[0]}
     found = [
-        _fit(p, on_disk[_names(p)], x, choice)
+        _fit(p, on_disk[_names(p)], x, choice, target)
         for (p, x), choice in zip(flat, choices, strict=True)
     ]
     recounts = _checked(found)
@@ -375,12 +375,13 @@ def _orbax_shown(path) -> str:
     return "".join(parts) or "<root>"
 
 
-def _fit(path, m, x, choice) -> Recount | str | None:
+def _fit(path, m, x, choice, tree) -> Recount | str | None:
     """How leaf `x` of `like` (as stored) takes the array of metadata `m` (see
-    `classify`); metadata without a shape is left to Orbax."""
+    `classify`; `tree`: the tree `path` is in); metadata without a shape is left to
+    Orbax."""
     if not hasattr(m, "shape"):
         return None
-    return classify(path, m.shape, getattr(m, "dtype", None), x, choice)
+    return classify(path, m.shape, getattr(m, "dtype", None), x, choice, tree)
 
 
 def _read_as(x, r: Recount | None):
@@ -413,10 +414,10 @@ def _check_structure(saved: dict[tuple, str], like) -> None:
             bad.append(f"{shown} is an array in the checkpoint but not in `like`")
         elif not _is_array_or_struct(x := in_like[names][1]):
             what = "None" if x is None else f"of type `{type(x).__name__}`"
-            shown = keystr(in_like[names][0])
+            shown = path_name(in_like[names][0], like)
             bad.append(f"{shown} is an array in the checkpoint but {what} in `like`")
     bad += [
-        f"{keystr(p)} is an array in `like` but not in the checkpoint"
+        f"{path_name(p, like)} is an array in `like` but not in the checkpoint"
         for names, (p, x) in in_like.items()
         if _is_array_or_struct(x) and names not in saved
     ]
@@ -453,7 +454,7 @@ def _load_equinox(path, target, choices, like):
     found: list = [None] * len(flat)
     with open(_eqx_file(path), "rb") as f:
         for k in _file_order(f, flat, like):
-            values[k], found[k] = _read(f, flat[k], choices[k])
+            values[k], found[k] = _read(f, flat[k], choices[k], target)
     recounts = _checked(found)
     return treedef.unflatten(values), recounts
 
@@ -497,12 +498,13 @@ def _check_count(saved: int, wanted: int) -> None:
         )
 
 
-def _read(f, leaf, choice) -> tuple[jax.Array | None, Recount | str | None]:
+def _read(f, leaf, choice, tree) -> tuple[jax.Array | None, Recount | str | None]:
     """The next array of `f`, put where leaf `x` of `like` (as stored) wants it, and how
-    it fits (see `classify`); a mismatch is read but not kept."""
+    it fits (see `classify`; `tree`: the tree of `leaf`'s path); a mismatch is read but
+    not kept."""
     path, x = leaf
     value = _as_dtype_of(np.load(f), x)
-    fit = classify(path, value.shape, value.dtype, x, choice)
+    fit = classify(path, value.shape, value.dtype, x, choice, tree)
     if isinstance(fit, str):
         return None, fit
     sharding = x.sharding if fit is None else fit.read_sharding()

@@ -11,7 +11,7 @@ import numpy as np
 from ._mesh import UNKNOWN
 from ._registry import leaf_axis
 from ._state import State
-from ._tree import broadcast_prefix, iter_states, keystr
+from ._tree import broadcast_prefix, iter_states, keystr, state_entry
 
 
 # What has a layout to read: arrays, and the abstract ones of `abstract`/`eval_new_states`.
@@ -59,14 +59,15 @@ def _axis_lookup(tree, axes):
 def _shown_paths(tree) -> dict:
     """A readable name for the path of every leaf: the entries of an `eqx.nn.State`
     (keyed by JAX as `<flat index k>`) are named by their layer, as
-    `eqx.nn.make_with_state` records it (`[Net.norm.ema_state_index]`)."""
+    `eqx.nn.make_with_state` records it (`[Net.norm.ema_state_index]`). In one walk of
+    the tree; a message names a path as this does with `_tree.path_name`."""
     names: dict = {}
 
     def walk(node, path, shown):
         if isinstance(node, eqx.nn.State):
             values, markers = node.tree_flatten()
             for i, (value, marker) in enumerate(zip(values, markers)):
-                label = f"[{marker}]" if isinstance(marker, str) else f"[{i}]"
+                label = state_entry(marker, i)
                 walk(value, path + (jtu.FlattenedIndexKey(i),), shown + label)
             return
         children, _ = jtu.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)

@@ -409,7 +409,7 @@ class Program(NamedTuple):
 def out_leaves(traced: Traced, varying: Sequence[bool]) -> tuple:
     """The facts about each array output that the layout decision reads."""
     return tuple(
-        OutLeaf(traced.paths[i], aval.ndim, v, j, _is_empty(aval))
+        OutLeaf(traced.paths[i], aval.ndim, v, j, traced.treedef, _is_empty(aval))
         for i, aval, v, j in zip(
             traced.arrays, traced.jaxpr.out_avals, varying, traced.input_of
         )

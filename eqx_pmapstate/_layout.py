@@ -9,10 +9,10 @@ can call these with made-up facts.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from ._errors import unproved_outputs
-from ._tree import keystr
+from ._tree import path_name
 
 
 class Default:
@@ -47,15 +47,19 @@ class Layout(NamedTuple):
     checked: frozenset = frozenset()
 
 
-def normalize_axis(axis: int | None, ndim: int, path) -> int | None:
-    """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says."""
+def normalize_axis(
+    axis: int | None, ndim: int, path, structure: Any = None
+) -> int | None:
+    """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says.
+    `structure`: that of the tree `path` is in, to name it (see `OutLeaf`)."""
     if axis is None:
         return None
     pos = axis if axis >= 0 else axis + ndim + 1
     if not 0 <= pos <= ndim:
         raise ValueError(
-            f"Axis {axis} is out of range for the state at {keystr(path)}, which has "
-            f"{ndim} dimension(s): the new axis can go at positions {-(ndim + 1)} to {ndim}."
+            f"Axis {axis} is out of range for the state at "
+            f"{path_name(path, structure)}, which has {ndim} dimension(s): the new axis "
+            f"can go at positions {-(ndim + 1)} to {ndim}."
         )
     return pos
 
@@ -67,6 +71,9 @@ class OutLeaf(NamedTuple):
     ndim: int  # its number of dimensions on one device
     varying: bool  # whether it may differ between devices (else proved the same)
     input_index: int | None = None  # the input it is, unchanged, if any
+    # The structure of the whole output (a `PyTreeDef`), only to name `path` in messages
+    # (`_tree.path_name`: an `eqx.nn.State`'s entries by their layer).
+    structure: Any = None
     empty: bool = False  # zero-size: no element can differ between devices
 
 
@@ -101,10 +108,10 @@ def step_layout(
         if isinstance(want, Default):
             axis = 0 if leaf.varying else None
         else:
-            axis = normalize_axis(want, leaf.ndim, leaf.path)
+            axis = normalize_axis(want, leaf.ndim, leaf.path, leaf.structure)
             if axis is None and leaf.varying and not leaf.empty:
                 if check == "trace":
-                    unproved.append(output_name(leaf.path))
+                    unproved.append(output_name(leaf.path, leaf.structure))
                     if source is not None:
                         sources[source] = None
                 elif check == "runtime":
@@ -119,9 +126,13 @@ def step_layout(
     return Layout(tuple(axes), frozenset(checked))
 
 
-def output_name(path) -> str:
-    """An output leaf for a message: `output[0].w`, or the whole return value."""
-    return "output" + keystr(path) if path else "output (the whole return value)"
+def output_name(path, structure: Any = None) -> str:
+    """An output leaf for a message: `output[0].w`, or the whole return value.
+    `structure`: the output's (or the output itself), to name an `eqx.nn.State`'s
+    entries by their layer (`_tree.path_name`)."""
+    if not path:
+        return "output (the whole return value)"
+    return "output" + path_name(path, structure)
 
 
 def new_states_layout(
@@ -144,17 +155,18 @@ def new_states_layout(
     for path, j in held.items():
         k = at.get(path)
         if k is None or leaves[k].input_index != j:
+            structure = leaves[0].structure if leaves else None
             raise ValueError(
-                f"`init_state` changed the leaf at {keystr(path)}, which the module "
-                "already held. Leaves that exist before initialisation come back "
-                "unchanged; create new states in `init_state`, or build the whole tree "
-                "with a callable instead."
+                f"`init_state` changed the leaf at {path_name(path, structure)}, which "
+                "the module already held. Leaves that exist before initialisation come "
+                "back unchanged; create new states in `init_state`, or build the whole "
+                "tree with a callable instead."
             )
     for k, (leaf, want) in enumerate(zip(leaves, wanted, strict=True)):
         if leaf.path in held:
             axes.append(Pass(held[leaf.path]))
             continue
-        axis = normalize_axis(want, leaf.ndim, leaf.path)
+        axis = normalize_axis(want, leaf.ndim, leaf.path, leaf.structure)
         if axis is None and (leaf.varying or check_every_replicated):
             checked.add(k)
         axes.append(axis)

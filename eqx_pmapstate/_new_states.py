@@ -28,7 +28,7 @@ from ._mesh import axis_spec, check_axis_size, read_axis, resolve_mesh, UNKNOWN
 from ._registry import leaf_axis, register
 from ._state import State
 from ._trace import active_axis, is_output_array, per_device_avals
-from ._tree import broadcast_prefix, is_arraylike, iter_states, keystr
+from ._tree import broadcast_prefix, is_arraylike, iter_states, path_name
 
 
 def _has_init_state(x) -> bool:
@@ -169,14 +169,16 @@ def _kwarg_axes(name: str, prefix, value, n: int) -> list:
         ) from None
     flat = jtu.tree_flatten_with_path(value)[0]
     return [
-        _check_in_axis(name, path, leaf, a, n) for (path, leaf), a in zip(flat, axes)
+        _check_in_axis(name, path, leaf, a, n, value)
+        for (path, leaf), a in zip(flat, axes)
     ]
 
 
-def _check_in_axis(name, path, leaf, axis, n) -> int | None:
+def _check_in_axis(name, path, leaf, axis, n, value) -> int | None:
+    """`value`: the argument, which `path` is in."""
     if axis is None:
         return None
-    where = f"The argument {name!r}" + (f" at {keystr(path)}" if path else "")
+    where = f"The argument {name!r}" + (f" at {path_name(path, value)}" if path else "")
     if not is_arraylike(leaf):
         raise ValueError(
             f"`init_in_axes` maps {where[4:]} along axis {axis}, but it is "
@@ -216,9 +218,9 @@ def _module_inputs(module, mesh, axis_name, walk: KeyedWalk):
             continue
         if isinstance(leaf, Tracer):
             raise ValueError(
-                f"The module's leaf at {keystr(path)} is traced (the call is inside "
-                "`jax.jit`, `jax.grad` or `jax.vmap`), so its layout cannot be read. Call "
-                "`pmap2_new_states` outside the transformation."
+                f"The module's leaf at {path_name(path, module)} is traced (the call is "
+                "inside `jax.jit`, `jax.grad` or `jax.vmap`), so its layout cannot be "
+                "read. Call `pmap2_new_states` outside the transformation."
             )
         axis = _held_axis(leaf, mesh, axis_name)
         held[path] = len(dyn)
@@ -338,7 +340,7 @@ def _compile(fn, inputs: InitInputs, spec, *, n, mesh, axis_name, user_arrays):
         user_arrays=user_arrays,
     )
     unproved = tuple(
-        keystr(leaf.path)
+        path_name(leaf.path, leaf.structure)
         for leaf, axis in zip(program.leaves, program.layout.axes)
         if axis is None and leaf.varying
     )
@@ -348,8 +350,10 @@ def _compile(fn, inputs: InitInputs, spec, *, n, mesh, axis_name, user_arrays):
 
 def _raise_if_differ(compiled, flags) -> None:
     if isinstance(flags, Tracer):
-        raise uncheckable_states([keystr(p) for p in compiled.checked_paths])
-    bad = [keystr(p) for p in compiled.mismatched(flags)]
+        raise uncheckable_states(
+            [path_name(p, compiled.treedef) for p in compiled.checked_paths]
+        )
+    bad = [path_name(p, compiled.treedef) for p in compiled.mismatched(flags)]
     if bad:
         raise differing_states(bad)
 

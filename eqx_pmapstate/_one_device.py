@@ -12,7 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._mesh import read_axis, UNKNOWN
-from ._tree import broadcast_prefix, keystr, paths_str
+from ._tree import broadcast_prefix, path_name, paths_str
 
 
 _NAMES = {
@@ -59,31 +59,35 @@ def leaf_choices(per_device, tree, allowed: Sequence[str], what: str) -> list:
     return choices
 
 
-def refuse_unchosen(paths, allowed: Sequence[str], what: str, why: str) -> None:
-    """The error for per-device leaves for which no choice was made."""
+def refuse_unchosen(
+    paths, allowed: Sequence[str], what: str, why: str, tree: Any = None
+) -> None:
+    """The error for per-device leaves for which no choice was made. `tree`: the tree
+    the paths are in (see `_tree.path_name`)."""
     if paths:
         raise ValueError(
-            f"The leaves at {paths_str(keystr(p) for p in paths)} are per device (one "
-            f"entry per device along their device axis), and {why}. Say what each "
-            f"becomes with `{what}(..., per_device=...)`: {choices_text(allowed)}; or a "
-            "pytree prefix of the tree giving each part its own choice."
+            f"The leaves at {paths_str(path_name(p, tree) for p in paths)} are per "
+            f"device (one entry per device along their device axis), and {why}. Say "
+            f"what each becomes with `{what}(..., per_device=...)`: "
+            f"{choices_text(allowed)}; or a pytree prefix of the tree giving each part "
+            "its own choice."
         )
 
 
-def check_mean(path, dtype) -> None:
+def check_mean(path, dtype, tree: Any = None) -> None:
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise ValueError(
             f"`per_device='mean'` averages floating-point leaves only, but the leaf at "
-            f"{keystr(path)} is {dtype}. Choose 'first' or an index for it (a pytree "
+            f"{path_name(path, tree)} is {dtype}. Choose 'first' or an index for it (a pytree "
             "prefix as `per_device` gives each part of the tree its own choice)."
         )
 
 
-def check_index(path, index: int, n: int) -> int:
+def check_index(path, index: int, n: int, tree: Any = None) -> int:
     if not -n <= index < n:
         raise ValueError(
-            f"`per_device={index}` is out of range for the leaf at {keystr(path)}, which "
-            f"has {n} entries along its device axis."
+            f"`per_device={index}` is out of range for the leaf at "
+            f"{path_name(path, tree)}, which has {n} entries along its device axis."
         )
     return int(index) % n
 
@@ -143,10 +147,10 @@ def to_one_device(
         if isinstance(a, int) and c is None
     ]
     refuse_unchosen(
-        unchosen, allowed, what, "one device can hold only one value for each"
+        unchosen, allowed, what, "one device can hold only one value for each", tree
     )
     out = [
-        _one(path, x, axis, choice, device)
+        _one(path, x, axis, choice, device, tree)
         for (path, x), axis, choice in zip(flat, axes, choices)
     ]
     return treedef.unflatten(out)
@@ -168,7 +172,7 @@ def _check_device(device):
     return device
 
 
-def _one(path, x, axis, choice, device):
+def _one(path, x, axis, choice, device, tree):
     if not isinstance(x, jax.Array):
         return x
     if axis is None:
@@ -176,11 +180,11 @@ def _one(path, x, axis, choice, device):
     if axis is UNKNOWN or choice == "whole":
         return _whole(x, device)
     if choice == "mean":
-        check_mean(path, x.dtype)
+        check_mean(path, x.dtype, tree)
         return jnp.mean(_whole(x, device), axis=axis).astype(x.dtype)
     if callable(choice):
         return jax.device_put(choice(jnp.moveaxis(_whole(x, device), axis, 0)), device)
-    index = check_index(path, 0 if choice == "first" else choice, x.shape[axis])
+    index = check_index(path, 0 if choice == "first" else choice, x.shape[axis], tree)
     return _entry(x, axis, index, device)
 
 

@@ -13,7 +13,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 from ._mesh import read_axis
 from ._one_device import check_index, check_mean, refuse_unchosen
-from ._tree import keystr, paths_str
+from ._tree import path_name, paths_str
 
 
 ALLOWED = ("first", "index", "mean", "leading", "regroup", "callable")
@@ -29,16 +29,17 @@ class Recount(NamedTuple):
     choice: Any
     sharding: NamedSharding  # `like`'s
     saved_shape: tuple  # the whole shape on disk
+    tree: Any = None  # the tree `path` is in, to name it in messages
 
     def read_sharding(self) -> NamedSharding:
         """Where the saved entries are read to: replicated over `like`'s mesh."""
         return NamedSharding(self.sharding.mesh, P())
 
 
-def classify(path, shape, dtype, x, choice) -> Recount | str | None:
+def classify(path, shape, dtype, x, choice, tree) -> Recount | str | None:
     """How leaf `x` of `like` (as stored) takes the array of `shape` and `dtype` on
     disk: `None` as it is, a `Recount` if it is a per-device leaf saved for another number
-    of devices, or the description of a mismatch."""
+    of devices, or the description of a mismatch. `tree`: the tree `path` is in."""
     shape = tuple(shape)
     same_dtype = dtype is None or np.dtype(dtype) == x.dtype
     if shape == tuple(x.shape) and same_dtype:
@@ -49,12 +50,13 @@ def classify(path, shape, dtype, x, choice) -> Recount | str | None:
         regroup = choice == "regroup" and axis == 0  # `zero`'s slices: (n, k)
         if others == [axis] or (regroup and 0 in others):
             r = Recount(
-                path, axis, shape[axis], x.shape[axis], choice, x.sharding, shape
+                path, axis, shape[axis], x.shape[axis], choice, x.sharding, shape, tree
             )
             return r
+    on_disk = f"{np.dtype(dtype) if dtype is not None else '?'}{list(shape)}"
     return (
-        f"{keystr(path)} ({np.dtype(dtype) if dtype is not None else '?'}{list(shape)} "
-        f"on disk, {x.dtype}{list(x.shape)} in `like`)"
+        f"{path_name(path, tree)} ({on_disk} on disk, {x.dtype}{list(x.shape)} in "
+        "`like`)"
     )
 
 
@@ -68,14 +70,15 @@ def refuse_unchosen_recounts(recounts) -> None:
             "load",
             f"the checkpoint was made for another number of devices: it has {r.saved} "
             f"entries along their device axis, and `like` {r.wanted}",
+            r.tree,
         )
 
 
-def refuse_abstract_meshes(flat) -> None:
+def refuse_abstract_meshes(flat, tree) -> None:
     """A `like` laid out over a mesh without devices (`eval_new_states` for more devices
-    than this process has) cannot receive arrays."""
+    than this process has) cannot receive arrays. `flat`: `tree` flattened with paths."""
     bad = [
-        (keystr(p), x.sharding.mesh.size)
+        (path_name(p, tree), x.sharding.mesh.size)
         for p, x in flat
         if isinstance(getattr(x, "sharding", None), NamedSharding)
         and isinstance(x.sharding.mesh, AbstractMesh)
@@ -116,8 +119,8 @@ def recount(value, r: Recount, like):
         if m > r.saved:
             raise ValueError(
                 f"`per_device='leading'` keeps the first {m} of the entries of the leaf "
-                f"at {keystr(r.path)}, but the checkpoint has only {r.saved}. Choose "
-                "'first', 'mean', an index or a callable for it."
+                f"at {path_name(r.path, r.tree)}, but the checkpoint has only "
+                f"{r.saved}. Choose 'first', 'mean', an index or a callable for it."
             )
         out = jax.lax.slice_in_dim(value, 0, m, axis=r.axis)
     elif callable(r.choice) and not isinstance(r.choice, str):
@@ -126,17 +129,18 @@ def recount(value, r: Recount, like):
         if out.shape != like.shape or out.dtype != like.dtype:
             raise ValueError(
                 f"The `per_device` callable made {out.dtype}{list(out.shape)} (device "
-                f"axis at {r.axis}) for the leaf at {keystr(r.path)}, but `like` has "
+                f"axis at {r.axis}) for the leaf at {path_name(r.path, r.tree)}, but "
+                "`like` has "
                 f"{like.dtype}{list(like.shape)}: from the saved entries, device axis "
                 f"first ({r.saved}, ...), it must return the new ({m}, ...)."
             )
     else:
         if r.choice == "mean":
-            check_mean(r.path, like.dtype)
+            check_mean(r.path, like.dtype, r.tree)
             one = jnp.mean(value, axis=r.axis, keepdims=True).astype(like.dtype)
         else:
             choice = 0 if r.choice == "first" else int(r.choice)
-            index = check_index(r.path, choice, r.saved)
+            index = check_index(r.path, choice, r.saved, r.tree)
             one = jax.lax.index_in_dim(value, index, axis=r.axis, keepdims=True)
         out = jnp.repeat(one, m, axis=r.axis)
     return jax.device_put(out, r.sharding)

@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._registry import lookup, remember
-from ._tree import keystr, paths_str
+from ._tree import path_name, paths_str
 
 
 def abstract(tree):
@@ -74,7 +74,7 @@ def relayout(tree, like):
             f"{treedef} against {like_def}."
         )
     bad = [
-        f"{keystr(p)} ({_describe_leaf(x)} against {_describe_leaf(y)})"
+        f"{path_name(p, tree)} ({_describe_leaf(x)} against {_describe_leaf(y)})"
         for (p, x), (_, y) in zip(flat, like_flat)
         if _is_array(x) and _is_array(y) and _shape_dtype(x) != _shape_dtype(y)
     ]

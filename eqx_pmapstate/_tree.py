@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
@@ -80,6 +81,54 @@ def iter_states(tree) -> Iterator[StateRef]:
 def keystr(path: tuple) -> str:
     """A path as it would be written after the tree's name: `.layers[0].weight`."""
     return jtu.keystr(path) if path else "<root>"
+
+
+def state_entry(marker, index: int) -> str:
+    """How entry `index` of an `eqx.nn.State` is written in a path (JAX keys it
+    `[<flat index k>]`): by the layer `eqx.nn.make_with_state` recorded as its marker,
+    `[Net.bn.batch_counter]`; by its position where the marker is no name."""
+    return f"[{marker}]" if isinstance(marker, str) else f"[{index}]"
+
+
+_MISSING = object()
+_LEAF = object()
+
+
+def _child(node, key):
+    for k, child in _children(node) or ():
+        if k == (key,):
+            return child
+    return _MISSING
+
+
+def path_name(path: tuple, tree: Any = None) -> str:
+    """A path for a message, as `keystr` writes it, except that the entries of an
+    `eqx.nn.State` are named as `describe` names them (`state_entry`):
+    `[Net.bn.batch_state_index][0]`, not `[<flat index 1>][0]`.
+
+    `tree` is the tree the path is in, or its structure (a `PyTreeDef`); the names are
+    read off the `eqx.nn.State`s along the path, so only a path with a flat-index key is
+    walked, and only when a message is written. Without `tree`, or for a path not in it,
+    as `keystr`."""
+    if tree is None or not any(isinstance(k, jtu.FlattenedIndexKey) for k in path):
+        return keystr(path)
+    if isinstance(tree, jtu.PyTreeDef):
+        # Any leaves will do (as when `jax.vmap` reads `in_axes`): only nodes are read.
+        tree = tree.unflatten([_LEAF] * tree.num_leaves)
+    parts, node = [], tree
+    for key in path:
+        if isinstance(node, eqx.nn.State) and isinstance(key, jtu.FlattenedIndexKey):
+            values, markers = node.tree_flatten()
+            if not 0 <= key.key < len(values):
+                return keystr(path)
+            parts.append(state_entry(markers[key.key], key.key))
+            node = values[key.key]
+            continue
+        node = _child(node, key)
+        if node is _MISSING:
+            return keystr(path)
+        parts.append(str(key))
+    return "".join(parts)
 
 
 def paths_str(paths, limit: int = 6) -> str:

@@ -24,6 +24,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._jax_compat import Literal, open_jaxpr, subjaxprs
+from ._tree import path_name
 
 
 # Operations whose every output element depends only on the operands' element at the
@@ -468,8 +469,9 @@ def _check_state(ax: _Axis, state, full_state) -> None:
         got = (tuple(jnp.shape(x)), jnp.result_type(x))
         if got != (want, s.dtype):
             raise ValueError(
-                f"The leaf state{jtu.keystr(path)} of the optimizer state is "
-                f"{got[1]}{list(got[0])} on each device, but `zero` keeps it as "
+                f"The leaf state{path_name(path, state) if path else ''} of the "
+                f"optimizer state is {got[1]}{list(got[0])} on each device, but `zero` "
+                "keeps it as "
                 f"{s.dtype}{list(want)} (the whole shape {shape} over {ax.size} "
                 "devices). Pass the state made "
                 "by `zero(...).init` inside a `pmap2` function over the same devices "

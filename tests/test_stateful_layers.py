@@ -166,6 +166,89 @@ def test_batch_norm_statistics_over_all_devices(leaks):
     assert [(a.shape, a.sharding) for a in _arrays(state2)] == before
 
 
+# --------------------------------------------------------------------------- messages
+
+# The state's leaves as `describe` names them, by their layer: JAX's key paths write an
+# `eqx.nn.State`'s entries `[<flat index 0>]`, `[<flat index 1>][0]`, ...
+_STATE_LEAVES = (
+    "[Net.bn.batch_counter]",
+    "[Net.bn.batch_state_index][0]",
+    "[Net.bn.batch_state_index][1]",
+)
+
+
+def _names_the_state_leaves(message: str, before: str = "") -> None:
+    for leaf in _STATE_LEAVES:
+        assert before + leaf in message, message
+    assert "flat index" not in message, message
+
+
+def test_describe_names_the_state_leaves_as_the_messages_do(leaks):
+    _, state = _make(jax.random.key(0))
+    _names_the_state_leaves(ep.describe(state))
+
+
+def test_to_one_device_names_the_state_leaves_by_their_layer(leaks):
+    _, state = _make(jax.random.key(0))
+    with pytest.raises(ValueError, match="are per device") as e:
+        ep.to_one_device(state)
+    _names_the_state_leaves(str(e.value))
+    with pytest.raises(ValueError, match="floating-point leaves only") as e:
+        ep.to_one_device(state, per_device="mean")
+    assert "the leaf at [Net.bn.batch_counter] is int32" in str(e.value)
+    assert "flat index" not in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_load_names_the_state_leaves_by_their_layer(backend, tmp_path, leaks):
+    _, state = _make(jax.random.key(0))
+    ep.save(tmp_path / "ckpt", state, backend=backend)
+    _, like = ep.eval_new_states(
+        eqx.nn.make_with_state(Net),
+        {"key": jax.random.key(0)},
+        state_out_axes=_AXES,
+        axis_size=4,
+    )
+    with pytest.raises(ValueError, match="another number of devices") as e:
+        ep.load(tmp_path / "ckpt", like, backend=backend)
+    assert str(e.value).startswith("The leaves at [Net.bn.batch_counter], ")
+    _names_the_state_leaves(str(e.value))
+    with pytest.raises(ValueError, match="floating-point leaves only") as e:
+        ep.load(tmp_path / "ckpt", like, per_device="mean", backend=backend)
+    assert "the leaf at [Net.bn.batch_counter] is int32" in str(e.value)
+    assert "flat index" not in str(e.value)
+
+
+@pytest.mark.parametrize("check", [True, "runtime"])
+def test_replication_error_names_the_state_leaves_by_their_layer(check, leaks):
+    model, state = _make(jax.random.key(0))
+    # each device's entries differ, and so do the new ones made from them
+    state = jax.tree.map(
+        lambda s: s + jnp.arange(N, dtype=s.dtype).reshape((N,) + (1,) * (s.ndim - 1)),
+        state,
+    )
+    x = np.ones((N, B, 3), np.float32)
+    # The new state asked replicated: not proved so (True), differing (`"runtime"`)
+    step = ep.pmap2(
+        _bn_step.fun,
+        in_axes=(None, 0, 0),
+        out_axes=(0, None),
+        check_replicated=check,
+    )
+    with pytest.raises(ep.ReplicationError) as e:
+        step(model, state, x)
+    _names_the_state_leaves(str(e.value), before="output[1]")
+    assert sorted(e.value.names) == sorted("output[1]" + s for s in _STATE_LEAVES)
+
+
+def test_pmap2_names_the_state_leaves_among_its_inputs_by_their_layer(leaks):
+    _, state = _make(jax.random.key(0))
+    with pytest.raises(ValueError, match="to be mapped over its axis 1") as e:
+        ep.pmap2(lambda s: s, in_axes=(1,))(state)
+    assert str(e.value).startswith("The input args[0][Net.bn.batch_counter] ")
+    assert "flat index" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- dropout
 
 

@@ -208,7 +208,8 @@ class Pmap2:
 
         entry = _engine.cached(programs, key, walk.weak, compile_on_miss)
         if missed and self._compiles is not None:
-            names = lambda: leaf_names(self._tree(args, kwargs), where)  # noqa: E731
+            tree = self._tree(args, kwargs)
+            names = lambda: leaf_names(tree, lambda p: where(p, tree))  # noqa: E731
             self._compiles.compiled(self.fun, key, names)
         # One guard per global name or cell (a name read by two functions of one
         # module is checked once).
@@ -220,7 +221,7 @@ class Pmap2:
 
     def _compile(self, args, kwargs, leaves, walk: KeyedWalk):
         tree = self._tree(args, kwargs)
-        flat = jtu.tree_flatten_with_path(tree)[0]
+        flat, structure = jtu.tree_flatten_with_path(tree)
         inputs = read_inputs(
             args,
             kwargs,
@@ -272,6 +273,7 @@ class Pmap2:
             self._check,
             self.axis_name,
             _memo.plan_of(compiled.treedef),
+            structure,
         )
         return entry, program.cacheable
 

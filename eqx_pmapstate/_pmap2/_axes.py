@@ -13,7 +13,7 @@ import numpy as np
 from .._assign import assign_axis, normalize_out_axes
 from .._filters import OutAxes
 from .._layout import DEFAULT
-from .._tree import broadcast_prefix, iter_states, keystr
+from .._tree import broadcast_prefix, iter_states
 
 
 class StateAxes:
@@ -43,9 +43,9 @@ class StateAxes:
     def __repr__(self):
         return f"StateAxes({dict(self.spec)!r})"
 
-    def axes_of(self, tree, show: Callable[[tuple], str] = keystr) -> dict:
+    def axes_of(self, tree, show: Callable[[tuple], str] | None = None) -> dict:
         """A dict from the path of each array leaf of `tree` to its axis, as written.
-        `show` writes a path in messages."""
+        `show` writes a path in messages (by default, as `_tree.path_name`)."""
         out = {}
         for ref in iter_states(tree):
             axis = assign_axis(self.spec, ref, None, "the `StateAxes`", show)

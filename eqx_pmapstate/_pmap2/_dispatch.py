@@ -36,6 +36,7 @@ class Entry(NamedTuple):
     check: CheckMode  # the `check_replicated` mode
     axis_name: str  # the step's axis, for messages
     memo: _memo.Plan | None  # the modules among the outputs to remember
+    structure: Any = None  # that of a call's inputs, to name `paths` (see `where`)
 
     def dyn_of(self, leaves: Sequence) -> Sequence:
         """The dynamic inputs among a call's flat leaves."""
@@ -55,7 +56,8 @@ class Fast(NamedTuple):
         return True
 
 
-def check_donation(dyn, donated, paths) -> None:
+def check_donation(dyn, donated, paths, structure=None) -> None:
+    """`paths` of the inputs `dyn`, in a tree of `structure` (for messages)."""
     seen: dict = {}
     donated_set = set(donated)
     kept = {id(x): paths[j] for j, x in enumerate(dyn) if j not in donated_set}
@@ -64,23 +66,23 @@ def check_donation(dyn, donated, paths) -> None:
         if isinstance(x, jax.Array) and not isinstance(x, Tracer):
             if x.is_deleted():
                 raise ValueError(
-                    f"The input {where(paths[d])} was donated by an earlier call and "
-                    "its buffer is gone. Pass the outputs of that call instead, or use "
-                    "`donate='none'`."
+                    f"The input {where(paths[d], structure)} was donated by an earlier "
+                    "call and its buffer is gone. Pass the outputs of that call instead, "
+                    "or use `donate='none'`."
                 )
         if id(x) in seen:
             raise ValueError(
-                f"The same array is passed twice, at {where(seen[id(x)])} and "
-                f"{where(paths[d])}, and would be donated twice (tied weights?). "
-                "Pass distinct arrays, or use `donate='none'`."
+                f"The same array is passed twice, at {where(seen[id(x)], structure)} "
+                f"and {where(paths[d], structure)}, and would be donated twice (tied "
+                "weights?). Pass distinct arrays, or use `donate='none'`."
             )
         if id(x) in kept:
             raise ValueError(
-                f"The same array is passed at {where(paths[d])}, which is donated, and "
-                f"at {where(kept[id(x)])}, which is not: its buffer cannot be both "
-                "given up and kept (a target network or an EMA that starts as the "
-                "parameters?). Pass a copy for one of them (`jnp.copy`), or use "
-                "`donate='none'`."
+                f"The same array is passed at {where(paths[d], structure)}, which is "
+                f"donated, and at {where(kept[id(x)], structure)}, which is not: its "
+                "buffer cannot be both given up and kept (a target network or an EMA "
+                "that starts as the parameters?). Pass a copy for one of them "
+                "(`jnp.copy`), or use `donate='none'`."
             )
         seen[id(x)] = paths[d]
 
@@ -130,7 +132,7 @@ def run_entry(entry: Entry, dyn: Sequence, program: Callable, exact: bool = Fals
     layout), the outputs' layouts (`Compiled.settle`, unless `exact`), the run-time
     replication check, and the outputs in their structure."""
     if entry.donated:
-        check_donation(dyn, entry.donated, entry.paths)
+        check_donation(dyn, entry.donated, entry.paths, entry.structure)
     compiled = entry.compiled
     if entry.put:
         dyn = compiled.place(dyn)
@@ -145,7 +147,9 @@ def finish(entry: Entry, dyn: Sequence, outs: Sequence):
     if compiled.extra_out:
         *outs, flags = outs
         if entry.check == "runtime":
-            bad = [output_name(p) for p in compiled.mismatched(flags)]  # waits
+            bad = [
+                output_name(p, compiled.treedef) for p in compiled.mismatched(flags)
+            ]  # waits
             if bad:
                 raise differing_outputs(bad, entry.axis_name)
     leaves = compiled.out_leaves(dyn, outs)
@@ -215,7 +219,7 @@ class Quick:
             return MISS
         entry = self.entry
         if entry.donated:
-            check_donation(dyn, entry.donated, entry.paths)
+            check_donation(dyn, entry.donated, entry.paths, entry.structure)
         compiled = entry.compiled
         try:
             outs = compiled.run(*compiled.const_values(), *dyn)

@@ -20,23 +20,25 @@ from .._keys import WeakId
 from .._layout import DEFAULT
 from .._mesh import mesh_str, read_axis, resolve_mesh, shardings, UNKNOWN
 from .._stores import register_store
-from .._tree import is_arraylike
+from .._tree import is_arraylike, path_name
 from ._axes import bound_axes, first_parameter, prefix_axes, StateAxes
 
 
-def where(path) -> str:
+def where(path, tree=None) -> str:
     """A path from the root `(args, kwargs)` (or `(args, kwargs, fun)`, for a callable
     pytree) written as `args[0].weight`, `kwargs['x']` or `self.weight` (the instance of
-    a bound method)."""
+    a bound method). `tree`: that root (or its structure), to name the entries of an
+    `eqx.nn.State` by their layer (`_tree.path_name`)."""
     if not path:
         return "the arguments"
     head, rest = path[0], path[1:]
+    shown = path_name(path, tree)[len(str(head)) :]  # the keys below the root
     where = getattr(head, "idx", None)
     if where == 2:
         if rest and getattr(rest[0], "name", None) == "__self__":
-            return "self" + jtu.keystr(rest[1:])
-        return "fun" + jtu.keystr(rest)
-    return ("args" if where == 0 else "kwargs") + jtu.keystr(rest)
+            return "self" + shown[len(str(rest[0])) :]
+        return "fun" + shown
+    return ("args" if where == 0 else "kwargs") + shown
 
 
 def is_callable_tree(fun) -> bool:
@@ -103,7 +105,8 @@ def given_axes(in_axes, args, kwargs, flat, fun=None, axis_name="devices") -> li
     if in_axes is DEFAULT:
         given = [DEFAULT] * n
     elif isinstance(in_axes, StateAxes):
-        by_path = in_axes.axes_of((args, kwargs), show=where)
+        root = (args, kwargs)
+        by_path = in_axes.axes_of(root, show=functools.partial(where, tree=root))
         given = [by_path.get(p, DEFAULT) for p, _ in flat[:n]]
     else:
         positional, by_name = bound_axes(in_axes, args, kwargs, fun)
@@ -176,32 +179,35 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
     for arg, path in off.items():
         value = args[arg[1]] if arg[0] == 0 else kwargs[arg[1]]
         name = where(path[:2])
+        tree = (args, kwargs)
         if arg in on:
             raise ValueError(
                 f"The argument {name} is partly laid out on the mesh and partly not (for "
-                f"example {where(on[arg])} is, {where(path)} is not): its layout cannot "
-                "be read. Lay it all out with `eqx_pmapstate.relayout(tree, like)` or "
-                "`jax.device_put`, or give its axes with `in_axes`."
+                f"example {where(on[arg], tree)} is, {where(path, tree)} is not): its "
+                "layout cannot be read. Lay it all out with "
+                "`eqx_pmapstate.relayout(tree, like)` or `jax.device_put`, or give its "
+                "axes with `in_axes`."
             )
         if isinstance(value, eqx.Module):
             raise ValueError(
                 f"The argument {name} is an `eqx.Module` none of whose arrays is laid out "
-                f"on the mesh (for example {where(path)}). By default it would be split "
-                "over the devices along its first axis, which is almost never meant for "
-                "a model (a restored or freshly built one). Lay it out like the model it "
-                "replaces with `eqx_pmapstate.relayout(tree, like)`, or say how to map it "
-                "with `in_axes`: None to replicate it, 0 to split a stacked model over "
-                "the devices."
+                f"on the mesh (for example {where(path, tree)}). By default it would be "
+                "split over the devices along its first axis, which is almost never "
+                "meant for a model (a restored or freshly built one). Lay it out like the "
+                "model it replaces with `eqx_pmapstate.relayout(tree, like)`, or say how "
+                "to map it with `in_axes`: None to replicate it, 0 to split a stacked "
+                "model over the devices."
             )
 
 
-def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
+def _input_axis(path, x, g, mesh, n, axis_name, tree) -> int | None:
+    """`tree`: the call's inputs, which `path` is in (for messages)."""
     if callable(g) and g is not DEFAULT:
         g = g(x)
     if g is DEFAULT:
         if isinstance(x, Tracer) and getattr(path[0], "idx", None) == 2:
             raise ValueError(
-                f"The function's array {where(path)} is traced (`pmap2` is called "
+                f"The function's array {where(path, tree)} is traced (`pmap2` is called "
                 "inside `jax.jit`, `jax.grad`, `jax.vmap` or another transformation), "
                 "so its layout cannot be read. Pass the model as an argument instead, "
                 "with its axes in `in_axes`: `pmap2(lambda m, x: m(x), in_axes=(None, "
@@ -209,10 +215,11 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
             )
         if isinstance(x, Tracer):
             raise ValueError(
-                f"The input {where(path)} is traced (`pmap2` is called inside `jax.jit`, "
-                "`jax.grad`, `jax.vmap` or another transformation), so its layout cannot "
-                "be read. Give its axis with `in_axes`: None for a replicated input (a "
-                f"parameter), 0 for one split over the devices (as `jax.pmap` does)."
+                f"The input {where(path, tree)} is traced (`pmap2` is called inside "
+                "`jax.jit`, `jax.grad`, `jax.vmap` or another transformation), so its "
+                "layout cannot be read. Give its axis with `in_axes`: None for a "
+                "replicated input (a parameter), 0 for one split over the devices (as "
+                "`jax.pmap` does)."
             )
         here = read_axis(x, axis_name, mesh) if isinstance(x, jax.Array) else UNKNOWN
         g = 0 if here is UNKNOWN else here
@@ -222,7 +229,7 @@ def _input_axis(path, x, g, mesh, n, axis_name) -> int | None:
         g,
         x,
         n,
-        f"The input {where(path)}",
+        f"The input {where(path, tree)}",
         f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, "
         "...)), or mark it replicated with an `in_axes` of None.",
     )
@@ -272,11 +279,12 @@ def read_inputs(
     given = given_axes(in_axes, args, kwargs, flat, fun, axis_name)
     _check_argument_layouts(args, kwargs, flat, given, axis_name)
     dyn_index, dyn_axes, layout = [], [], []
+    tree = (args, kwargs, fun)  # the paths are in it (`fun`: a callable pytree)
     for i, ((path, x), g) in enumerate(zip(flat, given)):
         if not is_arraylike(x):
             layout.append(DEFAULT)
             continue
-        axis = _input_axis(path, x, g, mesh, n, axis_name)
+        axis = _input_axis(path, x, g, mesh, n, axis_name, tree)
         layout.append(axis)
         dyn_axes.append(axis)
         dyn_index.append(i)

@@ -5,6 +5,8 @@ device, else get a device axis at 0 (the second part is `_layout.step_layout`'s)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.tree_util as jtu
 import numpy as np
@@ -144,7 +146,9 @@ def want_of(out_axes, candidates):
 
     def want(out, flat):
         if isinstance(out_axes, StateAxes):
-            by_path = out_axes.axes_of(out, show=output_name)
+            by_path = out_axes.axes_of(
+                out, show=functools.partial(output_name, structure=out)
+            )
             wanted = [by_path.get(p, DEFAULT) for p, _ in flat]
         elif out_axes is not DEFAULT:
             wanted = prefix_axes(out_axes, out, "out_axes")
