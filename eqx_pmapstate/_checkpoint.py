@@ -17,13 +17,14 @@ import math
 import os
 import pathlib
 import struct
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ._one_device import leaf_choices
 from ._recount import (
@@ -182,6 +183,7 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     arrays = jtu.tree_map(lambda x: _stored(x, kind), eqx.filter(tree, eqx.is_array))
     record = _record(arrays)
     if kind == "orbax":
+        arrays, record["empty"] = _placeholders(arrays)
         ocp = _orbax()
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(
@@ -192,6 +194,27 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
         with open(_eqx_file(path), "wb") as f:
             eqx.tree_serialise_leaves(f, arrays, filter_spec=_write)
             _write_record(f, record)
+
+
+def _placeholders(arrays) -> tuple[Any, list]:
+    """Orbax writes no zero-size array: each is written as one element of its dtype,
+    and recorded (plain names, shape, dtype) to be made again when loading."""
+    empty = []
+
+    def placeholder(path, x):
+        if x.size:
+            return x
+        empty.append([list(_names(path)), list(x.shape), jnp.dtype(x.dtype).name])
+        return np.zeros((1,), x.dtype)
+
+    return jtu.tree_map_with_path(placeholder, arrays), empty
+
+
+class _Saved(NamedTuple):
+    """The shape and dtype of a zero-size array written as a placeholder."""
+
+    shape: tuple
+    dtype: np.dtype
 
 
 _RECORD = "eqx_pmapstate"  # our entry in Orbax's custom metadata
@@ -332,27 +355,46 @@ def _load_orbax(path, target, choices, like):
     stored = _orbax_metadata(checkpointer, path)
     if stored is None:  # another layout of the metadata: Orbax checks
         return checkpointer.restore(path, target), [None] * len(jtu.tree_leaves(target))
-    tree, saved = stored
+    tree, saved, empty = stored
     _check_structure(saved, like)
     flat, treedef = jtu.tree_flatten_with_path(target)
     on_disk = {_names(p): m for p, m in jtu.tree_flatten_with_path(tree)[0]}
+    on_disk.update(empty)
     found = [
         _fit(p, on_disk[_names(p)], x, choice, target)
         for (p, x), choice in zip(flat, choices, strict=True)
     ]
     recounts = _checked(found)
     wanted = {_names(p): _read_as(x, r) for (p, x), r in zip(flat, recounts)}
+    wanted.update((n, _placeholder_struct(wanted[n], m)) for n, m in empty.items())
     # Read into the saved tree itself (its Nones and containers as Orbax wrote them).
     item = jtu.tree_map_with_path(lambda p, _: wanted[_names(p)], tree)
     read = jtu.tree_flatten_with_path(checkpointer.restore(path, item))[0]
     by_names = {_names(p): value for p, value in read}
-    return treedef.unflatten([by_names[_names(p)] for p, _ in flat]), recounts
+    values = [
+        _zeros_as(x) if _names(p) in empty else by_names[_names(p)] for p, x in flat
+    ]
+    return treedef.unflatten(values), recounts
 
 
-def _orbax_metadata(checkpointer, path) -> tuple[Any, dict[tuple, str]] | None:
+def _placeholder_struct(x, saved: _Saved):
+    """How the placeholder of a zero-size array is read: one element, replicated."""
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, P())
+    return jax.ShapeDtypeStruct((1,), saved.dtype, sharding=sharding)
+
+
+def _zeros_as(x):
+    """A zero-size array of `x`'s (a struct's) shape, dtype and sharding."""
+    return jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)
+
+
+def _orbax_metadata(checkpointer, path) -> tuple[Any, dict, dict] | None:
     """The checkpoint's tree of array metadata (dicts and lists, None where no array was
-    saved), and its arrays' plain names to their paths as shown; None when Orbax lays
-    out its metadata otherwise."""
+    saved), its arrays' plain names to their paths as shown, and the zero-size arrays
+    written as placeholders (plain names to `_Saved`); None when Orbax lays out its
+    metadata otherwise."""
     try:
         metadata = checkpointer.metadata(path)
         tree = getattr(metadata, "item_metadata", metadata)
@@ -362,7 +404,15 @@ def _orbax_metadata(checkpointer, path) -> tuple[Any, dict[tuple, str]] | None:
         return None
     record = (getattr(metadata, "custom_metadata", None) or {}).get(_RECORD)
     shown = _shown_paths(record) if record else {}  # none before `save` wrote it
-    return tree, {_names(p): shown.get(_names(p), _orbax_shown(p)) for p, _ in flat}
+    empty = {
+        tuple(names): _Saved(tuple(shape), jnp.dtype(dtype))
+        for names, shape, dtype in (record or {}).get("empty", [])
+    }
+    return (
+        tree,
+        {_names(p): shown.get(_names(p), _orbax_shown(p)) for p, _ in flat},
+        empty,
+    )
 
 
 def _orbax_shown(path) -> str:
@@ -381,6 +431,8 @@ def _fit(path, m, x, choice, tree) -> Recount | str | None:
     Orbax."""
     if not hasattr(m, "shape"):
         return None
+    if isinstance(m, _Saved) and math.prod(x.shape) == 0:
+        return None  # zero-size both: made again, whatever the number of devices
     return classify(path, m.shape, getattr(m, "dtype", None), x, choice, tree)
 
 
@@ -507,6 +559,8 @@ def _read(f, leaf, choice, tree) -> tuple[jax.Array | None, Recount | str | None
     fit = classify(path, value.shape, value.dtype, x, choice, tree)
     if isinstance(fit, str):
         return None, fit
+    if fit is None and value.size == 0:
+        value = np.zeros(x.shape, value.dtype)  # (saved for another number of devices)
     sharding = x.sharding if fit is None else fit.read_sharding()
     return jax.device_put(value, sharding), fit
 

@@ -44,6 +44,9 @@ def classify(path, shape, dtype, x, choice, tree) -> Recount | str | None:
     same_dtype = dtype is None or np.dtype(dtype) == x.dtype
     if shape == tuple(x.shape) and same_dtype:
         return None
+    if same_dtype and 0 in shape and 0 in tuple(x.shape) and len(shape) == x.ndim:
+        return None  # no element either way: made again in `like`'s shape
+
     axis = read_axis(x)
     if same_dtype and isinstance(axis, int) and len(shape) == len(x.shape):
         others = [k for k in range(len(shape)) if shape[k] != x.shape[k]]

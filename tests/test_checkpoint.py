@@ -366,3 +366,40 @@ def test_equinox_reads_the_file_as_before(tmp_path, leaks):
     ep.save(tmp_path / "ckpt", saved, backend="equinox")
     got = eqx.tree_deserialise_leaves(tmp_path / "ckpt", _parts(b=[0, 0]))
     assert np.array_equal(got.b, [7, 7]) and np.array_equal(got.w, saved.w)
+
+
+def _with_empty(key):
+    keys = jax.random.split(jax.random.fold_in(key, jax.lax.axis_index("devices")), 0)
+    return {
+        "w": ep.ParamState(jnp.ones(3, jnp.bfloat16)),
+        "empty": ep.ShortTermState(jnp.zeros((0, 2))),
+        "empty_bf16": ep.ParamState(jnp.zeros((0,), jnp.bfloat16)),
+        "keys": ep.ShortTermState(keys),
+    }
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_zero_size_arrays_round_trip(backend, tmp_path, leaks):
+    # Orbax writes no zero-size array: they are recorded and made again on loading.
+    axes = {None: OfType(ep.ParamState)}
+    made = ep.pmap2_new_states(
+        _with_empty, {"key": jax.random.key(0)}, state_out_axes=axes
+    )
+    ep.save(tmp_path / "ckpt", made, backend=backend)
+    back = ep.load(tmp_path / "ckpt", made, backend=backend)
+    for name in made:
+        x, y = made[name].value, back[name].value
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert x.sharding.is_equivalent_to(y.sharding, x.ndim)
+    assert back["empty"].value.shape == (N, 0, 2)
+    assert np.asarray(jax.random.key_data(back["keys"].value)).shape == (N, 0, 2)
+    np.testing.assert_array_equal(
+        np.asarray(back["w"].value, np.float32), np.ones(3, np.float32)
+    )
+    # and into a layout for another number of devices: nothing to choose for them
+    four = ep.eval_new_states(
+        _with_empty, {"key": jax.random.key(0)}, state_out_axes=axes, axis_size=4
+    )
+    back4 = ep.load(tmp_path / "ckpt", four, backend=backend)
+    assert back4["empty"].value.shape == (4, 0, 2)
+    assert_laid_out(back4["empty"].value, 0, n=4)
