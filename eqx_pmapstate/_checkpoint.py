@@ -181,6 +181,8 @@ def save(path: str | os.PathLike, tree: Any, *, backend: Backend = "auto") -> No
     """
     kind = _backend(path, backend, saving=True)
     arrays = jtu.tree_map(lambda x: _stored(x, kind), eqx.filter(tree, eqx.is_array))
+    if kind == "orbax" and _is_single(arrays):
+        arrays = {_SINGLE: arrays}  # Orbax writes no bare array
     record = _record(arrays)
     if kind == "orbax":
         arrays, record["empty"] = _placeholders(arrays)
@@ -349,7 +351,19 @@ def _is_array_or_struct(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
+_SINGLE = "array"  # a bare array is written to Orbax under this name
+
+
+def _is_single(tree) -> bool:
+    return tree is not None and jtu.treedef_is_leaf(jtu.tree_structure(tree))
+
+
 def _load_orbax(path, target, choices, like):
+    if _is_single(target):
+        arrays, recounts = _load_orbax(
+            path, {_SINGLE: target}, choices, {_SINGLE: like}
+        )
+        return arrays[_SINGLE], recounts
     checkpointer = _orbax().StandardCheckpointer()
     path = os.path.abspath(os.fspath(path))
     stored = _orbax_metadata(checkpointer, path)

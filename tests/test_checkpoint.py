@@ -403,3 +403,18 @@ def test_zero_size_arrays_round_trip(backend, tmp_path, leaks):
     back4 = ep.load(tmp_path / "ckpt", four, backend=backend)
     assert back4["empty"].value.shape == (4, 0, 2)
     assert_laid_out(back4["empty"].value, 0, n=4)
+
+
+@pytest.mark.parametrize("backend", ["orbax", "equinox"])
+def test_a_bare_array_round_trips(backend, tmp_path, leaks):
+    # Orbax writes no bare array: it is written under a name, and read back as given.
+    made = ep.pmap2_new_states(
+        lambda: ep.ShortTermState(jnp.arange(3.0, dtype=jnp.bfloat16))
+    ).value
+    ep.save(tmp_path / "ckpt", made, backend=backend)
+    back = ep.load(tmp_path / "ckpt", made, backend=backend)
+    assert back.dtype == jnp.bfloat16 and back.shape == (N, 3)
+    assert_laid_out(back, 0)
+    np.testing.assert_array_equal(
+        np.asarray(back, np.float32), np.asarray(made, np.float32)
+    )
