@@ -61,6 +61,24 @@ def _module_axis(x, axis_name: str):
 register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
 
 
+def _check_members(args, in_axes, n: int) -> None:
+    """Each array of an argument mapped over an int axis has `n` entries along it (else
+    the error names it, not `jax.vmap`'s inner argument)."""
+    for i, (arg, axis) in enumerate(zip(args, in_axes, strict=True)):
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            continue
+        for path, leaf in jtu.tree_flatten_with_path(arg)[0]:
+            if not eqx.is_array(leaf) or not -leaf.ndim <= axis < leaf.ndim:
+                continue
+            if leaf.shape[axis] != n:
+                raise ValueError(
+                    f"The input args[{i}]{jtu.keystr(path)} is to be mapped over its "
+                    f"axis {axis}, of length {leaf.shape[axis]}, but the `Map` has {n} "
+                    f"members. Give it {n} entries along that axis, or mark it the "
+                    "same for every member with an `in_axes` of None."
+                )
+
+
 class _AxesDict(dict):
     """`init_state_axes` as given, a dict that JAX takes as one leaf (a dict's keys
     `0` and `None` cannot be sorted, as flattening it would)."""
@@ -280,12 +298,14 @@ class Map(eqx.Module):
             raise ValueError(
                 "Call `init_all_states` first: this `Map` has no states yet."
             )
+        in_axes = _per_argument(self.in_axes, len(args))
+        _check_members(args, in_axes, self.init_map_size)
         return _vmapped_apply(
             self.module,
             self.module_axes,
             args,
             kwargs,
-            _per_argument(self.in_axes, len(args)),
+            in_axes,
             self.out_axes,
             self._name,
             self.init_map_size,

@@ -3,9 +3,19 @@
 from typing import Generic, TypeVar
 
 import equinox as eqx
+import jax.numpy as jnp
 
 
 Value = TypeVar("Value")
+
+
+def _number_as_array(value):
+    """A Python number becomes an array (weakly typed, as `jnp.asarray` makes it): a
+    state is made of arrays, and code written for brainstate says
+    `ShortTermState(0.0)`."""
+    if isinstance(value, (bool, int, float, complex)):
+        return jnp.asarray(value)
+    return value
 
 
 class State(eqx.Module, Generic[Value]):
@@ -21,14 +31,14 @@ class State(eqx.Module, Generic[Value]):
 
     **Arguments:**
 
-    - `value`: any pytree of arrays.
+    - `value`: any pytree of arrays (a Python number is made an array).
     - `tag`: an optional string, matched by [`eqx_pmapstate.filters.WithTag`][].
 
     Markers are generic in the type of their value, for annotations:
     `weight: ParamState[PerDevice[Float[Array, "features"]]]`.
     """
 
-    value: Value
+    value: Value = eqx.field(converter=_number_as_array)
     tag: str | None = eqx.field(static=True, default=None)
 
 

@@ -812,3 +812,29 @@ def test_vmap_state_tag(leaks):
     out = ep.vmap2_new_states(Counter(), axis_size=2, state_tag="ens")
     assert out.count.tag == "ens"
     assert out.count.value.shape == (2,)
+
+
+class _Counter(eqx.Module):
+    count: ep.ShortTermState | None = None
+    scale: ep.ParamState | None = None
+
+    def init_state(self):
+        # as code written for brainstate says it: Python numbers in the markers
+        return _Counter(ep.ShortTermState(0.0), ep.ParamState(2))
+
+
+def test_a_python_number_in_a_marker_is_a_state():
+    made = ep.pmap2_new_states(
+        _Counter(), {}, state_out_axes={None: OfType(ep.ParamState)}
+    )
+    count, scale = made.count.value, made.scale.value
+    assert count.shape == (8,) and count.dtype == jnp.float32
+    assert scale.shape == () and jnp.issubdtype(scale.dtype, jnp.integer)
+    assert "2 array(s)" in ep.describe(made)
+
+    @ep.pmap2
+    def tick(m):
+        i = jax.lax.axis_index("devices").astype(jnp.float32)
+        return eqx.tree_at(lambda m: m.count.value, m, m.count.value + i)
+
+    np.testing.assert_array_equal(np.asarray(tick(made).count.value), np.arange(8.0))
