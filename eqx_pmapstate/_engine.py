@@ -33,7 +33,7 @@ from . import _program
 from ._dataflow import varying_outputs
 from ._jax_compat import hoist_consts, trace_context, Tracer
 from ._layout import Layout, OutLeaf, Pass
-from ._mesh import shardings
+from ._mesh import put_global, shardings
 from ._trace import per_device_avals, trace, Traced
 
 
@@ -109,12 +109,14 @@ class Compiled:
     def const_values(self) -> list:
         return [c() for c in self.consts]
 
-    def place(self, dyn: Sequence) -> list:
-        """`dyn`, each concrete input moved to the layout the program expects."""
+    def place(self, dyn: Sequence, names: Callable[[int], str] | None = None) -> list:
+        """`dyn`, each concrete input moved to the layout the program expects.
+        `names(i)` names input `i` in messages."""
         if self.in_shardings is None:
             return list(dyn)
         return [
-            x if placed(x, s) else _put(x, s) for x, s in zip(dyn, self.in_shardings)
+            x if placed(x, s) else put_global(x, s, names(i) if names else None)
+            for i, (x, s) in enumerate(zip(dyn, self.in_shardings))
         ]
 
     def __call__(self, dyn: Sequence) -> tuple[Any, Any]:
@@ -247,30 +249,6 @@ def _plan(traced: Traced, layout: Layout, mesh, axis_name, n: int):
                 outputs.append((k, axis))
         structs.append(struct)
     return tuple(plan), outputs, tuple(structs)
-
-
-def _put(x, sharding):
-    """`x` laid out as `sharding`. With several processes, an array local to this
-    process (a host array, or one on this process's devices) becomes one global array
-    from every process's copy, each process giving the parts its devices hold; when it is
-    to be replicated, the copies must be equal (else each process would hold its own
-    value under a replicated label), which is checked."""
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    if sharding.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
-        bits = jax.random.key_data(x) if _is_key(x) else x
-        multihost_utils.assert_equal(
-            np.asarray(bits),
-            "An input to be replicated differs between the processes: pass the same "
-            "value on every process (for example the same key), or lay it out yourself.",
-        )
-    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
-
-
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def placed(x, sharding) -> bool:

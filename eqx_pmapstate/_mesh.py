@@ -183,3 +183,35 @@ def mesh_str(mesh: Mesh) -> str:
         f", axis types {tuple(getattr(t, 'name', t) for t in types)}" if types else ""
     )
     return f"a mesh of axes {{{axes}}}{kinds} over devices {ids}"
+
+
+def put_global(x, sharding, name: str | None = None):
+    """`x` laid out as `sharding`. With several processes, an array local to this
+    process (a host array, or one on this process's devices) becomes one global array
+    from every process's copy, each process giving the parts its devices hold; when it is
+    to be replicated, the copies must be equal (else each process would hold its own
+    value under a replicated label), which is checked. `name` names `x` in messages."""
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
+    if jax.process_count() == 1 or not local:
+        return jax.device_put(x, sharding)
+    if sharding.is_fully_replicated:
+        _check_same_everywhere(x, name)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+
+def _check_same_everywhere(x, name: str | None) -> None:
+    from jax.experimental import multihost_utils
+
+    is_key = isinstance(x, jax.Array) and jax.numpy.issubdtype(
+        x.dtype, jax.dtypes.prng_key
+    )
+    bits = np.asarray(jax.random.key_data(x) if is_key else x)
+    try:
+        multihost_utils.assert_equal(bits)
+    except AssertionError:
+        what = f"The input {name}" if name else "An input"
+        raise ValueError(
+            f"{what} is to be replicated, but differs between the processes. Pass the "
+            "same value on every process (for example the same key), or lay it out "
+            "yourself as a global array."
+        ) from None

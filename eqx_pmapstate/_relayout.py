@@ -6,6 +6,7 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
+from ._mesh import put_global
 from ._registry import lookup, remember
 from ._tree import path_name, paths_str
 
@@ -102,7 +103,7 @@ def _describe_leaf(x) -> str:
 
 def _put(x, like):
     sharding = getattr(like, "sharding", None)
-    out = jax.device_put(x, sharding) if sharding is not None else jax.numpy.asarray(x)
+    out = put_global(x, sharding) if sharding is not None else jax.numpy.asarray(x)
     known = lookup(like) if isinstance(like, jax.Array) else None
     if known is not None:  # an ensemble's member axis, not written in its sharding
         remember(out, *known)

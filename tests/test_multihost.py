@@ -150,3 +150,48 @@ def test_a_replicated_state_that_differs_between_processes_is_an_error(tmp_path)
         proc.stdout.count("refused: The state(s) at ['w'].value are to be replicated")
         == 2
     )
+
+
+def test_relayout_and_replicated_inputs_with_two_processes(tmp_path):
+    # A tree taken to one device goes back into the layout (each process gives the
+    # parts its devices hold); a replicated input that differs between the processes
+    # is a `ValueError` naming it.
+    script = tmp_path / "relayout.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import jax
+            import eqx_pmapstate as ep
+            ep.initialize_distributed()
+            import jax.numpy as jnp
+            import numpy as np
+            from eqx_pmapstate.filters import OfType
+            model = ep.pmap2_new_states(
+                lambda: {"w": ep.ParamState(jnp.ones(3)),
+                         "h": ep.ShortTermState(jax.lax.axis_index("devices") * 1.0)},
+                state_out_axes={None: OfType(ep.ParamState)},
+            )
+            one = ep.to_one_device(model, per_device="whole")
+            back = ep.relayout(one, model)
+            same = jax.tree.map(
+                lambda a, b: bool((np.asarray(ep.to_one_device(a, per_device="whole"))
+                                   == np.asarray(ep.to_one_device(b, per_device="whole"))).all())
+                and a.sharding == b.sharding, back, model)
+            print("relayout:", all(jax.tree.leaves(same)))
+            f = ep.pmap2(lambda m, lr: m["w"].value * lr, in_axes=(ep.DEFAULT, None))
+            try:
+                f(model, np.float32(0.1 * (jax.process_index() + 1)))
+            except ValueError as e:
+                print("refused:", str(e)[:70])
+            """
+        )
+    )
+    proc = _launch(str(script), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("relayout: True") == 2
+    assert (
+        proc.stdout.count(
+            "refused: The input args[1] is to be replicated, but differs between the"
+        )
+        == 2
+    )

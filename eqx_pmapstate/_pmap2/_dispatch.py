@@ -135,7 +135,7 @@ def run_entry(entry: Entry, dyn: Sequence, program: Callable, exact: bool = Fals
         check_donation(dyn, entry.donated, entry.paths, entry.structure)
     compiled = entry.compiled
     if entry.put:
-        dyn = compiled.place(dyn)
+        dyn = compiled.place(dyn, lambda i: where(entry.paths[i], entry.structure))
     outs = program(*compiled.const_values(), *dyn)
     return finish(entry, dyn, outs if exact else compiled.settle(outs))
 

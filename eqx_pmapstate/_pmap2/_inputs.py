@@ -231,7 +231,18 @@ def _input_axis(path, x, g, mesh, n, axis_name, tree) -> int | None:
         n,
         f"The input {where(path, tree)}",
         f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, "
-        "...)), or mark it replicated with an `in_axes` of None.",
+        "...)), or mark it replicated with an `in_axes` of None."
+        + _several_processes(),
+    )
+
+
+def _several_processes() -> str:
+    if jax.process_count() == 1:
+        return ""
+    return (
+        " With several processes, an array that is not laid out is the global value: "
+        "pass the whole batch on every process, or make a global array of each "
+        "process's rows with `jax.make_array_from_process_local_data`."
     )
 
 
