@@ -35,7 +35,8 @@ class State(eqx.Module, Generic[Value]):
     - `tag`: an optional string, matched by [`eqx_pmapstate.filters.WithTag`][].
 
     Markers are generic in the type of their value, for annotations:
-    `weight: ParamState[PerDevice[Float[Array, "features"]]]`.
+    `weight: ParamState[PerDevice[Float[Array, "features"]]]` (for readers and static
+    checkers: beartype checks that the field is a `ParamState`, not its value).
     """
 
     value: Value = eqx.field(converter=_number_as_array)
