@@ -79,6 +79,10 @@ def _check_members(args, in_axes, n: int) -> None:
                 )
 
 
+_RECORDED = "_recorded_axes"  # `Map.__recorded`, kept on the instance
+_MISSING = object()
+
+
 class _AxesDict(dict):
     """`init_state_axes` as given, a dict that JAX takes as one leaf (a dict's keys
     `0` and `None` cannot be sorted, as flattening it would)."""
@@ -260,7 +264,15 @@ class Map(eqx.Module):
 
     def __recorded(self) -> tuple | None:
         """The module's axes recorded by `init_all_states`, `(treedef, axes)`, if its
-        structure is still the one they were recorded for."""
+        structure is still the one they were recorded for; kept on this (immutable)
+        instance, so that calling it again does not flatten the module again."""
+        found = self.__dict__.get(_RECORDED, _MISSING)
+        if found is _MISSING:
+            found = self.__find_recorded()
+            object.__setattr__(self, _RECORDED, found)
+        return found
+
+    def __find_recorded(self) -> tuple | None:
         if self.module_axes is None:
             return None
         axes, treedef = jtu.tree_flatten(self.module_axes, is_leaf=_is_none)
@@ -273,7 +285,8 @@ class Map(eqx.Module):
     def __with_axes(self, axes) -> Map:
         new = object.__new__(type(self))
         for k, v in vars(self).items():
-            object.__setattr__(new, k, v)
+            if k != _RECORDED:  # (found for the module this one replaces)
+                object.__setattr__(new, k, v)
         object.__setattr__(new, "module_axes", axes)
         return new
 
