@@ -63,7 +63,8 @@ register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
 
 def _check_members(args, in_axes, n: int) -> None:
     """Each array of an argument mapped over an int axis has `n` entries along it (else
-    the error names it, not `jax.vmap`'s inner argument)."""
+    the error names it as the caller passed it, not as the inner `pmap2` or `jax.vmap`
+    sees it, after the module)."""
     for i, (arg, axis) in enumerate(zip(args, in_axes, strict=True)):
         if isinstance(axis, bool) or not isinstance(axis, int):
             continue
@@ -73,9 +74,9 @@ def _check_members(args, in_axes, n: int) -> None:
             if leaf.shape[axis] != n:
                 raise ValueError(
                     f"The input args[{i}]{jtu.keystr(path)} is to be mapped over its "
-                    f"axis {axis}, of length {leaf.shape[axis]}, but the `Map` has {n} "
-                    f"members. Give it {n} entries along that axis, or mark it the "
-                    "same for every member with an `in_axes` of None."
+                    f"axis {axis}, of length {leaf.shape[axis]}, but the `Map` maps "
+                    f"over {n} (its `init_map_size`). Give it {n} entries along that "
+                    "axis, or mark it the same everywhere with an `in_axes` of None."
                 )
 
 
@@ -303,6 +304,7 @@ class Map(eqx.Module):
             )
         if self.behavior == "pmap":
             in_axes = _per_argument(self.in_axes, len(args))
+            _check_members(args, in_axes, self.init_map_size)
             fn = _mapped_apply(
                 self._name, in_axes, _hashable(self.out_axes), self.__recorded()
             )

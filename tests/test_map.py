@@ -303,9 +303,11 @@ def test_calling_a_map_before_init_all_states_says_so(behavior):
         mp(jnp.ones((N, 3)))
 
 
-def test_a_vmap_map_given_the_wrong_number_of_members_names_the_input():
-    mp = ep.Map(_Scaled(), init_map_size=4, behavior="vmap").init_all_states()
+@pytest.mark.parametrize("behavior", ["pmap", "vmap"])
+def test_a_map_given_the_wrong_number_of_members_names_the_input(behavior):
+    mp = ep.Map(_Scaled(), init_map_size=4, behavior=behavior).init_all_states()
     with pytest.raises(
-        ValueError, match=r"^The input args\[0\] .* of length 5, .* 4 members"
+        ValueError,
+        match=r"^The input args\[0\] .* of length 5, .* maps over 4 \(its `init_map_size`\)",
     ):
         mp(jnp.ones((5, 3)))
