@@ -64,20 +64,28 @@ register_store("Map's pmap2 functions", _mapped_apply.cache_clear)
 def _check_members(args, in_axes, n: int) -> None:
     """Each array of an argument mapped over an int axis has `n` entries along it (else
     the error names it as the caller passed it, not as the inner `pmap2` or `jax.vmap`
-    sees it, after the module)."""
+    sees it, after the module). Paths are only made for the message."""
     for i, (arg, axis) in enumerate(zip(args, in_axes, strict=True)):
         if isinstance(axis, bool) or not isinstance(axis, int):
             continue
-        for path, leaf in jtu.tree_flatten_with_path(arg)[0]:
-            if not eqx.is_array(leaf) or not -leaf.ndim <= axis < leaf.ndim:
-                continue
-            if leaf.shape[axis] != n:
-                raise ValueError(
-                    f"The input args[{i}]{jtu.keystr(path)} is to be mapped over its "
-                    f"axis {axis}, of length {leaf.shape[axis]}, but the `Map` maps "
-                    f"over {n} (its `init_map_size`). Give it {n} entries along that "
-                    "axis, or mark it the same everywhere with an `in_axes` of None."
-                )
+        if any(_other_length(leaf, axis, n) for leaf in jtu.tree_leaves(arg)):
+            path, leaf = next(
+                (p, x)
+                for p, x in jtu.tree_flatten_with_path(arg)[0]
+                if _other_length(x, axis, n)
+            )
+            raise ValueError(
+                f"The input args[{i}]{jtu.keystr(path)} is to be mapped over its "
+                f"axis {axis}, of length {leaf.shape[axis]}, but the `Map` maps "
+                f"over {n} (its `init_map_size`). Give it {n} entries along that "
+                "axis, or mark it the same everywhere with an `in_axes` of None."
+            )
+
+
+def _other_length(leaf, axis: int, n: int) -> bool:
+    return (
+        eqx.is_array(leaf) and -leaf.ndim <= axis < leaf.ndim and leaf.shape[axis] != n
+    )
 
 
 _RECORDED = "_recorded_axes"  # `Map.__recorded`, kept on the instance
