@@ -14,6 +14,7 @@ result is the one the transformation gives on the whole parameters, whatever it 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -87,8 +88,11 @@ class _Axis(NamedTuple):
 
     def whole_of(self, s: _Sliced):
         """The whole value of a slice (gathered from every device: replicated)."""
+        size = int(np.prod(s.shape, dtype=np.int64))
+        if size == 0:  # no element to gather (XLA refuses an all-gather of none)
+            return jnp.zeros(s.shape, s.local.dtype)
         flat = jax.lax.all_gather(s.local, self.name, tiled=True)
-        return flat[: int(np.prod(s.shape, dtype=np.int64))].reshape(s.shape)
+        return flat[:size].reshape(s.shape)
 
     def mean_slices(self, grads: Sequence) -> list[_Sliced]:
         """This device's slice of the mean over the devices of each of `grads`: one
@@ -106,8 +110,8 @@ class _Axis(NamedTuple):
     def wholes(self, values: Sequence) -> list:
         """The whole value of each of `values` (slices are gathered, one all-gather per
         dtype; the others are whole already)."""
-        out = list(values)
-        slices = [i for i, v in enumerate(values) if isinstance(v, _Sliced)]
+        out = [self.whole_of(v) if _no_element(v) else v for v in values]
+        slices = [i for i, v in enumerate(out) if isinstance(v, _Sliced)]
         for _, at in _by_dtype([values[i].local for i in slices]).items():
             at = [slices[j] for j in at]
             ks = [values[i].local.shape[0] for i in at]
@@ -136,6 +140,11 @@ class _Axis(NamedTuple):
         """The same slice, computed from the device's index, so that `pmap2`'s proof
         sees it differ between devices and lays it out with a device axis."""
         return _Sliced(jnp.where(self.index >= 0, s.local, s.local), s.shape)
+
+
+def _no_element(v) -> bool:
+    """Whether `v` is a slice of a value with no element (a zero-size parameter)."""
+    return isinstance(v, _Sliced) and 0 in v.shape
 
 
 def _by_dtype(xs: Sequence) -> dict:
@@ -386,8 +395,11 @@ class Zero(eqx.Module):
         - `params`: the parameters (replicated), for transformations that read them.
         - `extra_args`: passed on to the wrapped `update`, whole; floating-point
             arrays averaged over the devices first (the loss for
-            `optax.contrib.reduce_on_plateau`: its mean), others as they are (they
-            must be the same on every device).
+            `optax.contrib.reduce_on_plateau`: its mean), other arrays as they are
+            (they must be the same on every device); a function (the `value_fn` of a
+            line search) is called on whole values, and the floating-point arrays it
+            returns are averaged over the devices too (a loss of this device's batch
+            becomes the mean loss).
 
         **Returns:**
 
@@ -397,18 +409,28 @@ class Zero(eqx.Module):
         """
         ax = _bound_axis(self.axis_name, "update")
         like = params if params is not None else updates
-        full_state = jax.eval_shape(self.tx.init, jtu.tree_map(_struct, like))
-        _check_state(ax, state, full_state)
+        made = jax.eval_shape(self.tx.init, jtu.tree_map(_struct, like))
+        _check_state(ax, state, made)
+        # The dtypes are the state's own, not those `init` gives these parameters: a
+        # parameter may have changed dtype since (`eqx.apply_updates` makes a bfloat16
+        # parameter float32 with the float32 updates of `optax.inject_hyperparams`),
+        # and the wrapped transformation keeps its state's dtypes, as without `zero`.
+        full_state = jtu.tree_map(_whole_struct, made, state)
+
+        # What is not an array (the `value_fn` of a line search) is a constant of the
+        # traced `update`; a function returns its floats averaged over the devices.
+        dynamic, static = eqx.partition(extra_args, eqx.is_array_like)
 
         def whole(g, s, p, extra):
-            return self.tx.update(g, s, p, **extra)
+            extra = eqx.combine(extra, static)
+            return self.tx.update(g, s, p, **_averaging_functions(ax, extra))
 
-        args = (updates, state, params, extra_args)
+        args = (updates, state, params, dynamic)
         closed, out_tree = jax.make_jaxpr(whole, return_shape=True)(
             jtu.tree_map(_struct, updates),
             full_state,
             None if params is None else jtu.tree_map(_struct, params),
-            extra_args,
+            dynamic,
         )
         ins = _sliced_inputs(ax, args, full_state)
         outs = _Evaluator(ax).run(closed, ins)
@@ -423,6 +445,13 @@ class Zero(eqx.Module):
             ]
         )
         return new_updates, new_state
+
+
+def _whole_struct(made, x) -> jax.ShapeDtypeStruct:
+    """The whole shape of a leaf of the state (`made`: as `init` makes it), with the
+    dtype of `x`, the leaf as passed (one device's slice, or the whole value)."""
+    passed = _struct(x)
+    return jax.ShapeDtypeStruct(made.shape, passed.dtype, weak_type=passed.weak_type)
 
 
 def _state_leaf(ax: _Axis, v, struct):
@@ -451,8 +480,31 @@ def _mean_if_inexact(ax: _Axis, x):
     return x
 
 
+def _averaging_functions(ax: _Axis, extra: dict) -> dict:
+    """`extra` with each function made to return its floating-point arrays averaged
+    over the devices, as the arrays of `extra` are: a `value_fn` of this device's
+    batch gives the mean loss, the same on every device."""
+
+    def averaging(f):
+        @functools.wraps(f)
+        def averaged(*args, **kwargs):
+            return jtu.tree_map(lambda x: _mean_if_inexact(ax, x), f(*args, **kwargs))
+
+        return averaged
+
+    return {k: averaging(f) if _is_function(f) else f for k, f in extra.items()}
+
+
+def _is_function(x) -> bool:
+    """Whether `x` is callable and holds no array (not a tree of gradients, though an
+    `eqx.Module` of them is callable)."""
+    return callable(x) and not any(map(eqx.is_array, jtu.tree_leaves(x)))
+
+
 def _check_state(ax: _Axis, state, full_state) -> None:
-    """`state` must be what `init` or `update` made for these parameters."""
+    """`state` must be what `init` or `update` made for these parameters: the same
+    tree, of the same shapes (`full_state`: as `init` makes it; an `update` may change
+    a dtype)."""
     got = jtu.tree_structure(state)
     if got != jtu.tree_structure(full_state):
         raise ValueError(
@@ -467,7 +519,7 @@ def _check_state(ax: _Axis, state, full_state) -> None:
         shape = tuple(s.shape)
         want = (ax.length(shape),) if _is_sliced_leaf(s) else shape
         got = (tuple(jnp.shape(x)), jnp.result_type(x))
-        if got != (want, s.dtype):
+        if got[0] != want:
             raise ValueError(
                 f"The leaf state{path_name(path, state) if path else ''} of the "
                 f"optimizer state is {got[1]}{list(got[0])} on each device, but `zero` "

@@ -394,3 +394,106 @@ def test_a_zero_size_parameter_is_kept_replicated():
     assert got["c"].shape == (0,)
     assert_laid_out(got["w"], None)
     assert_laid_out(got["c"], None)
+
+
+def test_a_zero_size_parameter_in_an_operation_on_whole_values():
+    # lars scales each update by the ratio of two norms, which is applied on gathered
+    # values: a zero-size parameter has nothing to gather (XLA refused the all-gather).
+    params = ep.pmap2_new_states(
+        lambda: {"w": jnp.arange(1.0, 4.0), "c": jnp.zeros((0, 4))},
+        state_out_axes={None: ...},
+    )
+    tx, z = optax.lars(0.1), ep.zero(optax.lars(0.1))
+
+    @ep.pmap2
+    def plain(p, s):
+        u, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    @ep.pmap2
+    def sharded(p, s):
+        u, s = z.update(jax.tree.map(jnp.ones_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    want, _ = plain(params, ep.pmap2(tx.init)(params))
+    got, _ = sharded(params, ep.pmap2(z.init)(params))
+    np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+    assert got["c"].shape == (0, 4)
+
+
+def test_a_parameter_that_changes_dtype_keeps_the_state_dtype_as_optax_does():
+    # inject_hyperparams makes float32 updates for a bfloat16 parameter, which
+    # `eqx.apply_updates` makes float32; the state stays as `init` made it (bfloat16),
+    # as without `zero`. The state was refused on the second step.
+    def build():
+        return {"w": jnp.linspace(-1.0, 1.0, 11).astype(jnp.bfloat16), "b": jnp.ones(3)}
+
+    def loss(p, x):
+        return jnp.mean((x * p["w"][:3].astype(jnp.float32) + p["b"]) ** 2)
+
+    def make():
+        return optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+
+    def train(tx, sharded):
+        p = ep.pmap2_new_states(build, state_out_axes={None: ...})
+        s = ep.pmap2(tx.init)(p)
+
+        @ep.pmap2
+        def step(p, s, x):
+            g = jax.grad(loss)(p, x)
+            if not sharded:
+                g = jax.lax.pmean(g, "devices")
+            u, s = tx.update(g, s, p)
+            return eqx.apply_updates(p, u), s
+
+        for i in range(3):
+            p, s = step(p, s, jax.random.normal(jax.random.key(i), (N, 3)))
+        return p, s
+
+    got, state = train(ep.zero(make()), True)
+    want, ref_state = train(make(), False)
+    assert got["w"].dtype == want["w"].dtype == jnp.float32
+    assert state.inner_state[0].nu["w"].dtype == jnp.bfloat16
+    assert ref_state.inner_state[0].nu["w"].dtype == jnp.bfloat16
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)
+
+
+def test_a_function_extra_argument_returns_its_mean_over_the_devices():
+    # The `value_fn` of a line search, of this device's batch: passed on (it was given
+    # to `jax.make_jaxpr` as an array), and its loss averaged as the gradients are.
+    def make():
+        return optax.chain(
+            optax.sgd(5.0),
+            optax.scale_by_backtracking_linesearch(max_backtracking_steps=8),
+        )
+
+    opt, tx = ep.zero(make()), make()
+
+    def step_of(transform, sharded):
+        @ep.pmap2
+        def step(model, opt_state, x, y):
+            params, static = eqx.partition(model, eqx.is_inexact_array)
+
+            def value_fn(p):
+                loss = loss_fn(p, static, x, y)
+                return loss if sharded else jax.lax.pmean(loss, "devices")
+
+            value, grads = jax.value_and_grad(value_fn)(params)
+            if not sharded:
+                grads = jax.lax.pmean(grads, "devices")
+            updates, opt_state = transform.update(
+                grads, opt_state, params, value=value, grad=grads, value_fn=value_fn
+            )
+            return eqx.apply_updates(model, updates), opt_state
+
+        return step
+
+    model = make_model()
+    a = (model, ep.pmap2(lambda m: opt.init(params_of(m)))(model))
+    b = (model, ep.pmap2(lambda m: tx.init(params_of(m)))(model))
+    for i in range(3):
+        a = step_of(opt, True)(*a, *batch(i))
+        b = step_of(tx, False)(*b, *batch(i))
+    assert_same_params(a[0], b[0])
+    assert float(a[1][1].learning_rate) == float(b[1][1].learning_rate) < 1.0
