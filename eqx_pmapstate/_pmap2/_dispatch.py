@@ -159,6 +159,7 @@ def finish(entry: Entry, dyn: Sequence, outs: Sequence):
 
 
 MISS = object()  # `Quick` could not serve the call: take the full path
+_sharding = operator.attrgetter("sharding")
 STALE_LIMIT = (
     8  # `Quick` records of one structure replaced this often: stop making them
 )
@@ -229,10 +230,8 @@ class Quick:
         dyn = self._dyn_of(leaves)
         if not set(map(type, dyn)) <= CONCRETE:
             return MISS
-        for x, seen in zip(self._laid_of(leaves), self._laid):
-            now = x.sharding
-            if now is not seen and now != seen:
-                return MISS
+        if tuple(map(_sharding, self._laid_of(leaves))) != self._laid:
+            return MISS  # (compared object by object first, then by value)
         entry = self.entry
         if entry.donated:
             check_donation(dyn, entry.donated, entry.paths, entry.structure)
