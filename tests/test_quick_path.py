@@ -331,3 +331,35 @@ def test_on_a_one_device_mesh_a_split_input_is_not_taken_for_a_replicated_one():
     got = step(split)
     np.testing.assert_array_equal(got, value[:, 0])
     assert got.shape == (1,)
+
+
+def test_a_static_negative_zero_is_not_taken_for_a_zero():
+    # 0.0 == -0.0 in Python, but not in what the function computes from it.
+    def f(x, s):
+        return x * np.copysign(1.0, s).astype(np.float32)
+
+    step = ep.pmap2(f)
+    x = _put(jnp.ones((8, 2)), P("devices"))
+    _warm(step, x, 0.0)
+    np.testing.assert_allclose(step(x, -0.0), np.full((8, 2), -1.0))
+    np.testing.assert_allclose(step(x, 0.0), np.full((8, 2), 1.0))
+
+
+ZERO = 0.0
+
+
+def over_zero(x):
+    return x / ZERO
+
+
+def test_a_global_rebound_to_negative_zero_is_a_new_program():
+    global ZERO
+    step = ep.pmap2(over_zero)
+    x = _put(jnp.ones((8, 2)), P("devices"))
+    try:
+        ZERO = 0.0
+        _warm(step, x)
+        ZERO = -0.0
+        np.testing.assert_array_equal(step(x), np.full((8, 2), -np.inf))
+    finally:
+        ZERO = 0.0
