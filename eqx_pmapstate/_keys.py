@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import math
 import types
 import weakref
 from collections.abc import Callable
@@ -77,6 +78,18 @@ def _is_plain(value) -> bool:
     if isinstance(value, tuple):
         return all(isinstance(v, _SCALARS) for v in value)
     return isinstance(value, _SCALARS)
+
+
+def plain_key(x) -> tuple:
+    """`(type(x), x)`, the key of a hashable value (2, 2.0 and True are equal in Python,
+    not as static values), with the signs of a float's or a complex's zeros: 0.0 and
+    -0.0 are equal in Python too, not in what a function computes from them (`1 / x`)."""
+    kind = type(x)
+    if kind is float:
+        return (kind, x, math.copysign(1.0, x))
+    if kind is complex:
+        return (kind, x, math.copysign(1.0, x.real), math.copysign(1.0, x.imag))
+    return (kind, x)
 
 
 class Guard:
@@ -179,7 +192,7 @@ class KeyedWalk:
             hash(x)
         except TypeError:
             return ("object", self.weak_id(x))
-        return (type(x), x)  # 2, 2.0 and True are equal in Python, not as static values
+        return plain_key(x)
 
     def spec(self, x) -> Any:
         """A key for a setting given by the user (`in_axes`, `devices`): lists and dicts
@@ -192,7 +205,7 @@ class KeyedWalk:
         if len(leaves) == 1 and leaves[0] is x:  # not a container after all
             try:
                 hash(x)
-                return (type(x), x)
+                return plain_key(x)
             except TypeError:
                 return ("object", self.weak_id(x))
         return ("tree", treedef, tuple(self.value(leaf, depth) for leaf in leaves))

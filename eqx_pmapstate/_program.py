@@ -25,7 +25,9 @@ A program is traced by `jax.jit` only inside `tracing_allowed()`. The steady-sta
 the arguments. With `fix_inputs`, the program's input layouts are fixed
 (`in_shardings`); then (measured on JAX 0.10.2 and 0.12.1, pinned by
 `tests/test_quick_path.py`) an argument of the same shape, dtype, weak type and layout
-runs; one committed to another layout raises `ValueError`; any other (another shape,
+runs; one committed to another layout raises `ValueError` (but one on a mesh of the
+same devices in another order is moved, and one of an equivalent layout, as on a mesh
+of one device, is taken: the caller checks layouts for them); any other (another shape,
 dtype or weak type; an array not committed to a layout, a host array) makes `jax.jit`
 trace again, which raises `Stale`; both before anything runs, and the caller takes the
 full path, which checks everything itself.

@@ -268,3 +268,98 @@ def test_what_the_quick_path_does_not_read_takes_the_full_path(make):
     want = ep.pmap2(f, out_axes=0, check_replicated=False)(make(value))
     np.testing.assert_allclose(got, want)
     np.testing.assert_allclose(got, value.sum(axis=1))
+
+
+# `jax.jit` with its input layouts fixed does not refuse every array of another layout:
+# one on a mesh of the same devices in another order it moves (and on its next call
+# with that layout passes it to the program unmoved, which crashes), and on a mesh of
+# one device it takes a split array for a replicated one. The quick path reads the
+# layouts of what it cannot vouch for itself.
+
+REVERSED = jax.sharding.Mesh(np.array(jax.devices()[::-1]), ("devices",))
+
+
+def test_an_array_on_the_same_devices_in_another_order_is_read_anew():
+    def f(x):
+        return x * 2.0
+
+    step = ep.pmap2(f)
+    _warm(step, _put(jnp.ones((8, 2)), P("devices")))
+    x = jax.device_put(jnp.ones((8, 2)), NamedSharding(REVERSED, P("devices")))
+    for _ in range(3):  # (the third call crashed)
+        out = step(x)
+        assert out.sharding.mesh == REVERSED  # where the input is, as a fresh call
+        np.testing.assert_allclose(out, np.full((8, 2), 2.0))
+
+
+class _Param(eqx.Module):
+    w: jax.Array
+
+
+def _bump(m):
+    return _Param(m.w + 1.0)
+
+
+def test_a_module_returned_on_the_same_devices_in_another_order_is_read_anew():
+    step = ep.pmap2(_bump)
+    m = _Param(_put(jnp.zeros(2), P()))
+    for _ in range(3):
+        m = step(m)  # the quick record takes a returned module of MESH
+    other = ep.pmap2(_bump)
+    rev = other(_Param(jax.device_put(jnp.zeros(2), NamedSharding(REVERSED, P()))))
+    for i in range(3):
+        rev = step(rev)
+        assert rev.w.sharding.mesh == REVERSED
+        np.testing.assert_allclose(rev.w, np.full(2, 2.0 + i))
+
+
+def test_on_a_one_device_mesh_a_split_input_is_not_taken_for_a_replicated_one():
+    one = jax.make_mesh(
+        (1,),
+        ("devices",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:1],
+    )
+    value = np.arange(4.0, dtype=np.float32).reshape(1, 4)
+
+    def f(x):
+        return x[0] * 1.0
+
+    step = ep.pmap2(f, out_axes=0, check_replicated=False, devices=one)
+    _warm(step, jax.device_put(value, NamedSharding(one, P())))  # each device: (1, 4)
+    split = jax.device_put(value, NamedSharding(one, P("devices")))  # each: (4,)
+    got = step(split)
+    np.testing.assert_array_equal(got, value[:, 0])
+    assert got.shape == (1,)
+
+
+def test_a_static_negative_zero_is_not_taken_for_a_zero():
+    # 0.0 == -0.0 in Python, but not in what the function computes from it.
+    def f(x, s):
+        return x * np.copysign(1.0, s).astype(np.float32)
+
+    step = ep.pmap2(f)
+    x = _put(jnp.ones((8, 2)), P("devices"))
+    _warm(step, x, 0.0)
+    np.testing.assert_allclose(step(x, -0.0), np.full((8, 2), -1.0))
+    np.testing.assert_allclose(step(x, 0.0), np.full((8, 2), 1.0))
+
+
+ZERO = 0.0
+
+
+def over_zero(x):
+    return x / ZERO
+
+
+def test_a_global_rebound_to_negative_zero_is_a_new_program():
+    global ZERO
+    step = ep.pmap2(over_zero)
+    x = _put(jnp.ones((8, 2)), P("devices"))
+    try:
+        ZERO = 0.0
+        _warm(step, x)
+        ZERO = -0.0
+        np.testing.assert_array_equal(step(x), np.full((8, 2), -np.inf))
+    finally:
+        ZERO = 0.0

@@ -272,10 +272,23 @@ class Pmap2:
             paths,
             self._check,
             self.axis_name,
-            _memo.plan_of(compiled.treedef),
+            _memo.plan_of(compiled.treedef, mesh, _out_axes(compiled.plan, inputs)),
             structure,
         )
         return entry, program.cacheable
+
+
+def _out_axes(plan, inputs) -> list:
+    """Per flat output leaf of an output `plan` (`_engine.Compiled.plan`): its axis on
+    the mesh (that of the input handed back, for one), or "static"."""
+    return [
+        inputs.in_axes[value]
+        if kind == "pass"
+        else "static"
+        if kind == "static"
+        else axis
+        for kind, value, axis in plan
+    ]
 
 
 def _per_device(fun, leaves, treedef, out_axes) -> Callable[[list], Any]:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from .. import _engine
 from .._assign import mapped_axis
 from .._jax_compat import Tracer
-from .._keys import WeakId
+from .._keys import plain_key, WeakId
 from .._layout import DEFAULT
 from .._mesh import mesh_str, read_axis, resolve_mesh, shardings, UNKNOWN
 from .._stores import register_store
@@ -95,7 +95,7 @@ def _leaf_sig(x):
         hash(x)
     except TypeError:
         return WeakId(x)
-    return (type(x), x)
+    return plain_key(x)
 
 
 def given_axes(in_axes, args, kwargs, flat, fun=None, axis_name="devices") -> list:

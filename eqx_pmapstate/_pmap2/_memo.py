@@ -9,8 +9,10 @@ small step's call: jitted by hand, the same step pays it in `jax.jit`'s dispatch
 When a call returns, `remember` records, for each module in its outputs whose subtree
 cannot change (every node in it a module, a tuple, a named tuple or None: no list, no
 dict, no other container), its tree structure and its flat leaves, keyed by the
-module's `id`. `flatten` flattens a call's inputs but stops at a remembered module: it
-is one item, and `expand` puts its leaves back. Equinox modules are frozen, so the
+module's `id`, with their layout (the mesh and each leaf's axis, as the program that
+returned them laid them out). `flatten` flattens a call's inputs but stops at a
+remembered module: it is one item, and `expand` puts its leaves back if they are laid
+out as the caller expects. Equinox modules are frozen, so the
 leaves recorded are the leaves the module has for as long as it lives. Each record is
 dropped by a weak reference's callback when its module dies, before its `id` can be
 given to another object; `expand` also checks that the object at that `id` is the one
@@ -37,6 +39,7 @@ class Record(NamedTuple):
     ref: weakref.ref  # the module
     treedef: TreeDef  # its tree structure
     leaves: Sequence  # its flat leaves
+    layout: Any  # how they are laid out: one object per output of a program (`Plan`)
 
 
 _MEMO: dict[int, Record] = {}
@@ -63,29 +66,31 @@ def flatten(tree) -> tuple[list, TreeDef]:
     return jtu.tree_flatten(tree, is_leaf=_known)
 
 
-def known_at(items: Sequence) -> tuple[tuple[int, TreeDef], ...]:
-    """The positions of the remembered modules among `items` and their structures,
-    last first (the order `expand` splices them in)."""
+def known_at(items: Sequence) -> tuple[tuple[int, TreeDef, Any], ...]:
+    """The positions of the remembered modules among `items`, their structures and
+    layouts, last first (the order `expand` splices them in)."""
     found = []
     for i, x in enumerate(items):
         record = _MEMO.get(id(x))
         if record is not None:
-            found.append((i, record.treedef))
+            found.append((i, record.treedef, record.layout))
     return tuple(reversed(found))
 
 
-def expand(items: Sequence, known: Sequence[tuple[int, TreeDef]]) -> list | None:
+def expand(items: Sequence, known: Sequence[tuple[int, TreeDef, Any]]) -> list | None:
     """A copy of `items` with the leaves of the remembered module at each of the
     `known` positions (`known_at`) spliced in: the flat leaves of the inputs. None when
-    an item there is not a remembered module of that structure."""
+    an item there is not a remembered module of that structure and layout."""
     leaves = list(items)
-    for i, treedef in known:
+    for i, treedef, layout in known:
         x = items[i]
         record = _MEMO.get(id(x))
         if record is None or record.ref() is not x:
             return None
         if record.treedef is not treedef and record.treedef != treedef:
             return None
+        if record.layout is not layout and record.layout != layout:
+            return None  # (from a program on another mesh, or of other axes)
         leaves[i : i + 1] = record.leaves
     return leaves
 
@@ -95,6 +100,7 @@ class Plan(NamedTuple):
 
     stop: Callable[[object], bool]  # `is_leaf` reaching them (and some others)
     at: tuple  # per module to remember: (item index, treedef, first leaf, end)
+    layouts: tuple = ()  # per module to remember: its `Record.layout`
 
 
 def _frozen(treedef: TreeDef) -> bool:
@@ -116,9 +122,13 @@ def _rememberable(kind: type) -> bool:
     return issubclass(kind, eqx.Module) and kind.__weakrefoffset__ != 0
 
 
-def plan_of(treedef: TreeDef) -> Plan | None:
+def plan_of(treedef: TreeDef, mesh=None, axes: Sequence | None = None) -> Plan | None:
     """The `Plan` of outputs of structure `treedef`; None when there is no module in
-    them to remember."""
+    them to remember. `mesh` and `axes` (per flat output leaf, its axis on the mesh):
+    how the program lays the outputs out, recorded with each module (`Record.layout`)
+    so that a call expecting other layouts does not take its leaves as its own (on a
+    mesh of the same devices in another order, or of one device, where `jax.jit`
+    takes arrays of another layout without a word)."""
     kinds: set[type] = set()
     at: list = []
     try:
@@ -130,7 +140,11 @@ def plan_of(treedef: TreeDef) -> Plan | None:
     if not at:
         return None
     stop = functools.partial(_is_kind, frozenset(kinds))
-    return Plan(stop, tuple(at))
+    layouts = tuple(
+        None if axes is None else (mesh, tuple(axes[start:end]))
+        for _, _, start, end in at
+    )
+    return Plan(stop, tuple(at), layouts)
 
 
 def _is_kind(kinds: frozenset, x) -> bool:
@@ -169,8 +183,8 @@ def remember(plan: Plan | None, tree, leaves: Sequence) -> None:
     if plan is None:
         return
     items = jtu.tree_leaves(tree, is_leaf=plan.stop)
-    for i, treedef, start, end in plan.at:
+    for (i, treedef, start, end), layout in zip(plan.at, plan.layouts):
         module = items[i]
         key = id(module)
         ref = weakref.ref(module, functools.partial(_drop, key))
-        _MEMO[key] = Record(ref, treedef, leaves[start:end])
+        _MEMO[key] = Record(ref, treedef, leaves[start:end], layout)
