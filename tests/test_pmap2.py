@@ -361,6 +361,15 @@ def test_mapped_input_of_the_wrong_length(leaks):
         f({"x": np.ones((5, 2), np.float32)})
 
 
+def test_out_axes_out_of_range_names_the_output(leaks):
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(lambda v: {"a": v}, out_axes=2)(np.ones((N, 3), np.float32))
+    assert str(e.value) == (
+        "Axis 2 is out of range for the output at output['a'], which has 1 "
+        "dimension(s): the new axis can go at positions -2 to 1."
+    )
+
+
 def test_a_scalar_input_not_on_the_mesh_is_a_clear_error():
     # A 0-d array has no axis 0 to map over: a ValueError that names it, not an IndexError.
     @ep.pmap2
