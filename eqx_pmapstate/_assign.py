@@ -111,9 +111,10 @@ def warn_unmatched(spec, matched: list, where: str = "state_out_axes") -> None:
         )
 
 
-def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
+def mapped_axis(axis, leaf, n: int, where: str, fix: str | Callable[[int], str]) -> int:
     """Where input axis `axis` (maybe negative) is in `leaf`, checked: an int, in range,
-    of length `n`. `where` names the input in messages; `fix` says what to do instead."""
+    of length `n`. `where` names the input in messages; `fix` says what to do instead
+    (or, a callable, says it for an axis of the length it is given)."""
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(
             f"{where} is given the axis {axis!r}, which is not an int or None. Give an "
@@ -126,11 +127,13 @@ def mapped_axis(axis, leaf, n: int, where: str, fix: str) -> int:
             "it is a scalar (0-d)" if ndim == 0 else f"it has only {ndim} dimension(s)"
         )
         raise ValueError(
-            f"{where} is to be mapped over its axis {axis}, but {what}. {fix}"
+            f"{where} is to be mapped over its axis {axis}, but {what}. "
+            f"{fix(n) if callable(fix) else fix}"
         )
-    if np.shape(leaf)[pos] != n:
+    length = np.shape(leaf)[pos]
+    if length != n:
         raise ValueError(
-            f"{where} is to be mapped over its axis {axis}, of length {np.shape(leaf)[pos]}, but "
-            f"the mapped axis has size {n}. {fix}"
+            f"{where} is to be mapped over its axis {axis}, of length {length}, but "
+            f"the mapped axis has size {n}. {fix(length) if callable(fix) else fix}"
         )
     return pos

@@ -8,7 +8,7 @@ can call these with made-up facts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 from ._errors import unproved_outputs
@@ -47,19 +47,16 @@ class Layout(NamedTuple):
     checked: frozenset = frozenset()
 
 
-def normalize_axis(
-    axis: int | None, ndim: int, path, structure: Any = None
-) -> int | None:
+def normalize_axis(axis: int | None, ndim: int, name: Callable[[], str]) -> int | None:
     """Where the new axis lands in an array of `ndim` dimensions, as `jnp.expand_dims` says.
-    `structure`: that of the tree `path` is in, to name it (see `OutLeaf`)."""
+    `name()` names the array in messages: "the state at .w", "the output at output[0]"."""
     if axis is None:
         return None
     pos = axis if axis >= 0 else axis + ndim + 1
     if not 0 <= pos <= ndim:
         raise ValueError(
-            f"Axis {axis} is out of range for the state at "
-            f"{path_name(path, structure)}, which has {ndim} dimension(s): the new axis "
-            f"can go at positions {-(ndim + 1)} to {ndim}."
+            f"Axis {axis} is out of range for {name()}, which has {ndim} dimension(s): "
+            f"the new axis can go at positions {-(ndim + 1)} to {ndim}."
         )
     return pos
 
@@ -78,6 +75,16 @@ class OutLeaf(NamedTuple):
 
 
 CheckMode = Literal["trace", "runtime", "off"]
+
+
+def _output_at(leaf: OutLeaf) -> Callable[[], str]:
+    """`normalize_axis`'s name for an output of a `pmap2` function."""
+    return lambda: "the output at " + output_name(leaf.path, leaf.structure)
+
+
+def _state_at(leaf: OutLeaf) -> Callable[[], str]:
+    """`normalize_axis`'s name for a state made by an initialisation."""
+    return lambda: "the state at " + path_name(leaf.path, leaf.structure)
 
 
 def step_layout(
@@ -108,7 +115,7 @@ def step_layout(
         if isinstance(want, Default):
             axis = 0 if leaf.varying else None
         else:
-            axis = normalize_axis(want, leaf.ndim, leaf.path, leaf.structure)
+            axis = normalize_axis(want, leaf.ndim, _output_at(leaf))
             if axis is None and leaf.varying and not leaf.empty:
                 if check == "trace":
                     unproved.append(output_name(leaf.path, leaf.structure))
@@ -166,7 +173,7 @@ def new_states_layout(
         if leaf.path in held:
             axes.append(Pass(held[leaf.path]))
             continue
-        axis = normalize_axis(want, leaf.ndim, leaf.path, leaf.structure)
+        axis = normalize_axis(want, leaf.ndim, _state_at(leaf))
         if axis is None and (leaf.varying or check_every_replicated):
             checked.add(k)
         axes.append(axis)

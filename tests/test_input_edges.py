@@ -336,3 +336,28 @@ def test_a_bound_method_s_arrays_passed_again_and_donated_are_refused():
         "is not"
     )
     assert not m.w.is_deleted()
+
+
+# --------------------------------------------------------------------------- float0
+
+
+def _grads_with_an_int(x, k):
+    loss = lambda x, k: (x * k.astype(jnp.float32)).sum()  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1), allow_int=True)(x, k)
+
+
+def test_a_float0_output_comes_back_as_jax_pmap_returns_it():
+    # JAX returns a `float0` output as a host array, with no layout: the check of the
+    # outputs' layouts after the run read its `.sharding` (AttributeError).
+    x = np.arange(N * 2, dtype=np.float32).reshape(N, 2)
+    k = jnp.arange(N, dtype=jnp.int32)
+    expected = jax.pmap(_grads_with_an_int)(x, k)
+    step = ep.pmap2(_grads_with_an_int)
+    for _ in range(2):  # the full path, then the quick path
+        dx, dk = step(x, k)
+        np.testing.assert_array_equal(np.asarray(dx), np.asarray(expected[0]))
+        assert dk.dtype == jax.dtypes.float0
+    zeros = np.zeros((N,), dtype=jax.dtypes.float0)
+    out = ep.pmap2(lambda z, v: (z, v))(zeros, x)  # handed back as it came
+    assert out[0].dtype == jax.dtypes.float0 and out[0].shape == (N,)
+    np.testing.assert_array_equal(np.asarray(out[1]), x)

@@ -361,6 +361,36 @@ def test_mapped_input_of_the_wrong_length(leaks):
         f({"x": np.ones((5, 2), np.float32)})
 
 
+def test_a_shorter_mapped_axis_is_told_how_to_map_over_fewer_devices(leaks):
+    # `jax.pmap` maps an axis of 4 over the first 4 devices; `pmap2` maps over the mesh,
+    # so the error says how to do the same.
+    x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    hint = r"To map over 4 devices, .*`pmap2\(..., devices=jax.devices\(\)\[:4\]\)`\.$"
+    with pytest.raises(ValueError, match=r"length 4, but the mapped axis has size 8"):
+        ep.pmap2(lambda v: v)(x)
+    with pytest.raises(ValueError, match=hint):
+        ep.pmap2(lambda v: v)(x)
+    out = ep.pmap2(lambda v: jax.lax.psum(v, "devices"), devices=jax.devices()[:4])(x)
+    np.testing.assert_array_equal(np.asarray(out), x.sum(0))
+    # Not where the length is a mismatch: another input already has N rows.
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(lambda a, b: a)(np.ones((N, 3), np.float32), x)
+    assert "devices=" not in str(e.value)
+    # Nor where `devices` was given, or an input is on the mesh already.
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(lambda v: v, devices=jax.devices())(x)
+    assert "devices=" not in str(e.value)
+
+
+def test_out_axes_out_of_range_names_the_output(leaks):
+    with pytest.raises(ValueError) as e:
+        ep.pmap2(lambda v: {"a": v}, out_axes=2)(np.ones((N, 3), np.float32))
+    assert str(e.value) == (
+        "Axis 2 is out of range for the output at output['a'], which has 1 "
+        "dimension(s): the new axis can go at positions -2 to 1."
+    )
+
+
 def test_a_scalar_input_not_on_the_mesh_is_a_clear_error():
     # A 0-d array has no axis 0 to map over: a ValueError that names it, not an IndexError.
     @ep.pmap2

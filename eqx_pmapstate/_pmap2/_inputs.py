@@ -200,8 +200,10 @@ def _check_argument_layouts(args, kwargs, flat, given, axis_name) -> None:
             )
 
 
-def _input_axis(path, x, g, mesh, n, axis_name, tree) -> int | None:
-    """`tree`: the call's inputs, which `path` is in (for messages)."""
+def _input_axis(path, x, g, mesh, n, axis_name, tree, fewer=False) -> int | None:
+    """`tree`: the call's inputs, which `path` is in (for messages); `fewer`: whether
+    the mesh is every device by default (no input on a mesh, no `devices`), so that a
+    shorter axis can be mapped over fewer devices, as `jax.pmap` does."""
     if callable(g) and g is not DEFAULT:
         g = g(x)
     if g is DEFAULT:
@@ -226,14 +228,22 @@ def _input_axis(path, x, g, mesh, n, axis_name, tree) -> int | None:
     if g is None:
         return None
     return mapped_axis(
-        g,
-        x,
-        n,
-        f"The input {where(path, tree)}",
+        g, x, n, f"The input {where(path, tree)}", functools.partial(_fix, n, fewer)
+    )
+
+
+def _fix(n: int, fewer: bool, length: int) -> str:
+    """What to do about an input to be mapped over an axis of `length`, not `n`."""
+    fix = (
         f"Give it an axis of length {n} (for a batch: reshape to ({n}, batch // {n}, "
         "...)), or mark it replicated with an `in_axes` of None."
-        + _several_processes(),
     )
+    if fewer and 0 < length < n:
+        fix += (
+            f" To map over {length} devices, as `jax.pmap` does with the first "
+            f"{length}, pass them: `pmap2(..., devices=jax.devices()[:{length}])`."
+        )
+    return fix + _several_processes()
 
 
 def _several_processes() -> str:
@@ -287,6 +297,7 @@ def read_inputs(
     """
     mesh = _find_mesh(leaves, axis_name, devices)
     n = mesh.shape[axis_name]
+    fewer = devices is None and not any(on_mesh(x, axis_name) for x in leaves)
     given = given_axes(in_axes, args, kwargs, flat, fun, axis_name)
     _check_argument_layouts(args, kwargs, flat, given, axis_name)
     dyn_index, dyn_axes, layout = [], [], []
@@ -295,7 +306,9 @@ def read_inputs(
         if not is_arraylike(x):
             layout.append(DEFAULT)
             continue
-        axis = _input_axis(path, x, g, mesh, n, axis_name, tree)
+        axis = _input_axis(path, x, g, mesh, n, axis_name, tree, fewer)
+        # Past an input of length n, a shorter one is a mismatch, not fewer devices.
+        fewer = fewer and axis is None
         layout.append(axis)
         dyn_axes.append(axis)
         dyn_index.append(i)
