@@ -68,12 +68,17 @@ _CALLS = frozenset(
 
 
 def varying_outputs(
-    closed, in_varying: Sequence[bool], axis_name: Hashable | None
+    closed,
+    in_varying: Sequence[bool],
+    axis_name: Hashable | None,
+    consts_varying: Sequence[bool] | None = None,
 ) -> tuple[bool, ...]:
     """For each output of `closed` (a `ClosedJaxpr`), whether it may differ between
-    devices of `axis_name`, given which inputs do. Constants are invariant."""
+    devices of `axis_name`, given which inputs do. Constants are invariant unless
+    `consts_varying` says which may differ."""
     jaxpr, n_consts = open_jaxpr(closed)
-    return _run(jaxpr, [False] * n_consts + list(in_varying), axis_name)
+    consts = [False] * n_consts if consts_varying is None else list(consts_varying)
+    return _run(jaxpr, consts + list(in_varying), axis_name)
 
 
 def _run(jaxpr, in_flags: Sequence[bool], axis: Hashable | None) -> tuple[bool, ...]:

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._jax_compat import Literal, open_jaxpr, subjaxprs
+from ._dataflow import varying_outputs
+from ._jax_compat import Literal, open_jaxpr, subjaxprs, Tracer
 from ._tree import path_name
 
 
@@ -379,8 +380,12 @@ class Zero(eqx.Module):
         ins = [ax.slice_of(p) for p in jtu.tree_leaves(params)]
         outs = _Evaluator(ax).run(closed, ins)
         structs, treedef = jtu.tree_flatten(out_tree)
+        ties = _ties(ax, closed, ins)
         return treedef.unflatten(
-            [_state_leaf(ax, v, s) for v, s in zip(outs, structs, strict=True)]
+            [
+                _state_leaf(ax, v, s, t)
+                for v, s, t in zip(outs, structs, ties, strict=True)
+            ]
         )
 
     def update(self, updates, state, params=None, **extra_args):
@@ -396,7 +401,9 @@ class Zero(eqx.Module):
         - `extra_args`: passed on to the wrapped `update`, whole; floating-point
             arrays averaged over the devices first (the loss for
             `optax.contrib.reduce_on_plateau`: its mean), other arrays as they are
-            (they must be the same on every device); a function (the `value_fn` of a
+            (they must be the same on every device: one that may differ, or a value
+            of the step the transformation closes over and uses unaveraged, makes the
+            updates a `ReplicationError`, as without `zero`); a function (the `value_fn` of a
             line search) is called on whole values, and the floating-point arrays it
             returns are averaged over the devices too (a loss of this device's batch
             becomes the mean loss).
@@ -437,14 +444,70 @@ class Zero(eqx.Module):
         up_structs, up_def = jtu.tree_flatten(out_tree[0])
         st_structs, st_def = jtu.tree_flatten(out_tree[1])
         n_up = len(up_structs)
-        new_updates = up_def.unflatten(ax.wholes(outs[:n_up]))
+        ties = _ties(ax, closed, ins)
+        wholes = ax.wholes(outs[:n_up])
+        new_updates = up_def.unflatten([t(u) for t, u in zip(ties, wholes)])
         new_state = st_def.unflatten(
             [
-                _state_leaf(ax, v, s)
-                for v, s in zip(outs[n_up:], st_structs, strict=True)
+                _state_leaf(ax, v, s, t)
+                for v, s, t in zip(outs[n_up:], st_structs, ties[n_up:], strict=True)
             ]
         )
         return new_updates, new_state
+
+
+def _ties(ax: _Axis, closed, ins) -> list:
+    """For each output of the traced `closed` run on `ins`, a function that makes it
+    depend, for `pmap2`'s proof, on the values it is computed from that may differ
+    between devices and are not reduced over them on the way: the inputs held whole,
+    and the values of the step that the transformation closes over (a learning rate
+    made from this device's loss). Computed with such a value, each device's slice
+    would be computed otherwise, and the all-gather would hide it. A value reduced on
+    the way (the loss a `value_fn` returns, which is averaged) ties nothing."""
+    consts = list(getattr(closed, "consts", []))
+    n = len(consts)
+    values = consts + list(ins)
+    maybe = [
+        j
+        for j, v in enumerate(values)
+        if (isinstance(v, Tracer) if j < n else not isinstance(v, _Sliced))
+    ]
+    reached: list[list] = [[] for _ in closed.out_avals]
+    if not maybe or not any(_reach(ax, closed, n, len(values), maybe)):
+        return [_untied] * len(reached)
+    for j in maybe:
+        for k, flag in enumerate(_reach(ax, closed, n, len(values), [j])):
+            if flag:
+                reached[k].append(values[j])
+    return [_tie(deps) if deps else _untied for deps in reached]
+
+
+def _reach(ax: _Axis, closed, n_consts: int, n: int, at: Sequence[int]) -> tuple:
+    """Per output of `closed`, whether the values at positions `at` (constants, then
+    inputs) reach it without a reduction over the devices."""
+    flags = [j in at for j in range(n)]
+    return varying_outputs(closed, flags[n_consts:], ax.name, flags[:n_consts])
+
+
+def _untied(v):
+    return v
+
+
+def _tie(deps):
+    """A function that makes a value depend on `deps` for `pmap2`'s proof (the value is
+    unchanged): updates and state gathered from slices computed with a value that
+    differs between devices (a learning rate from this device's loss, not averaged)
+    are then refused as not replicated, as they are without `zero`, where the
+    all-gather alone would make them look replicated."""
+    flags = [jnp.all(d == d) for d in deps if not _extended(jnp.result_type(d))]
+    if not flags:
+        return lambda v: v
+    flag = functools.reduce(jnp.logical_and, flags)
+
+    def tie(v):
+        return v if _extended(jnp.result_type(v)) else jnp.where(flag, v, v)
+
+    return tie
 
 
 def _whole_struct(made, x) -> jax.ShapeDtypeStruct:
@@ -454,11 +517,12 @@ def _whole_struct(made, x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(made.shape, passed.dtype, weak_type=passed.weak_type)
 
 
-def _state_leaf(ax: _Axis, v, struct):
-    """A leaf of the state as it is kept: this device's slice, or the whole value."""
+def _state_leaf(ax: _Axis, v, struct, tie):
+    """A leaf of the state as it is kept: this device's slice, or the whole value
+    (made to depend on what `tie` ties it to)."""
     if _is_sliced_leaf(struct):
         return ax.vary(v if isinstance(v, _Sliced) else ax.slice_of(v)).local
-    return _whole(ax, v)
+    return tie(_whole(ax, v))
 
 
 def _sliced_inputs(ax: _Axis, args, full_state) -> list:

@@ -497,3 +497,48 @@ def test_a_function_extra_argument_returns_its_mean_over_the_devices():
         b = step_of(tx, False)(*b, *batch(i))
     assert_same_params(a[0], b[0])
     assert float(a[1][1].learning_rate) == float(b[1][1].learning_rate) < 1.0
+
+
+def test_a_value_that_differs_between_devices_in_the_transformation_is_refused():
+    # A learning rate from this device's loss (not averaged) scales each device's
+    # slices differently; gathered, the updates looked replicated and the parameters
+    # silently mixed the devices' rates. As without `zero`, it is a ReplicationError.
+    params = ep.pmap2_new_states(
+        lambda: {"w": jnp.arange(16.0)}, state_out_axes={None: ...}
+    )
+    x = jnp.arange(8.0)[:, None] * jnp.ones((8, 16))
+    state = ep.pmap2(ep.zero(optax.sgd(0.1)).init)(params)
+
+    def step(p, s, x):
+        opt = ep.zero(optax.sgd(0.01 * (1.0 + jnp.mean(x))))  # this device's rate
+        u, s = opt.update(jax.tree.map(jnp.ones_like, p), s, p)
+        return optax.apply_updates(p, u), s
+
+    with pytest.raises(ep.ReplicationError, match=r"output\[0\]\['w'\]"):
+        ep.pmap2(step)(params, state, x)
+
+
+def test_a_value_of_the_step_averaged_before_the_transformation_uses_it_is_accepted():
+    # The same learning rate, averaged over the devices first: the same on every
+    # device, so the updates are replicated and equal those of pmean + plain sgd.
+    params = ep.pmap2_new_states(
+        lambda: {"w": jnp.arange(16.0)}, state_out_axes={None: ...}
+    )
+    x = jnp.arange(8.0)[:, None] * jnp.ones((8, 16))
+
+    def step_of(sharded):
+        def step(p, s, x):
+            lr = 0.01 * (1.0 + jax.lax.pmean(jnp.mean(x), "devices"))
+            g = jax.tree.map(lambda w: w * jnp.mean(x), p)
+            if sharded:
+                u, s = ep.zero(optax.sgd(lr)).update(g, s, p)
+            else:
+                u, s = optax.sgd(lr).update(jax.lax.pmean(g, "devices"), s, p)
+            return optax.apply_updates(p, u), s
+
+        return ep.pmap2(step)
+
+    got, _ = step_of(True)(params, ep.pmap2(ep.zero(optax.sgd(0.1)).init)(params), x)
+    want, _ = step_of(False)(params, ep.pmap2(optax.sgd(0.1).init)(params), x)
+    np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+    assert not np.allclose(np.asarray(got["w"]), np.asarray(params["w"]))
