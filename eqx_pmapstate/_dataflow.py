@@ -68,17 +68,26 @@ _CALLS = frozenset(
 
 
 def varying_outputs(
-    closed,
-    in_varying: Sequence[bool],
-    axis_name: Hashable | None,
-    consts_varying: Sequence[bool] | None = None,
+    closed, in_varying: Sequence[bool], axis_name: Hashable | None
 ) -> tuple[bool, ...]:
     """For each output of `closed` (a `ClosedJaxpr`), whether it may differ between
-    devices of `axis_name`, given which inputs do. Constants are invariant unless
-    `consts_varying` says which may differ."""
+    devices of `axis_name`, given which inputs do. Constants are invariant."""
     jaxpr, n_consts = open_jaxpr(closed)
-    consts = [False] * n_consts if consts_varying is None else list(consts_varying)
-    return _run(jaxpr, consts + list(in_varying), axis_name)
+    return _run(jaxpr, [False] * n_consts + list(in_varying), axis_name)
+
+
+def reached_unreduced(
+    closed,
+    consts: Sequence[bool],
+    inputs: Sequence[bool],
+    axis_name: Hashable | None,
+) -> tuple[bool, ...]:
+    """For each output of `closed`, whether a value flagged among its constants
+    (`consts`) and inputs (`inputs`) reaches it without a reduction over `axis_name`:
+    the question `varying_outputs` answers for a program, asked by `_zero` about the
+    values of the step an optimizer closes over."""
+    jaxpr, _ = open_jaxpr(closed)
+    return _run(jaxpr, list(consts) + list(inputs), axis_name)
 
 
 def _run(jaxpr, in_flags: Sequence[bool], axis: Hashable | None) -> tuple[bool, ...]:

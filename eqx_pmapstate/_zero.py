@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._dataflow import varying_outputs
+from ._dataflow import reached_unreduced
 from ._jax_compat import Literal, open_jaxpr, subjaxprs, Tracer
 from ._tree import path_name
 
@@ -486,7 +486,7 @@ def _reach(ax: _Axis, closed, n_consts: int, n: int, at: Sequence[int]) -> tuple
     """Per output of `closed`, whether the values at positions `at` (constants, then
     inputs) reach it without a reduction over the devices."""
     flags = [j in at for j in range(n)]
-    return varying_outputs(closed, flags[n_consts:], ax.name, flags[:n_consts])
+    return reached_unreduced(closed, flags[:n_consts], flags[n_consts:], ax.name)
 
 
 def _untied(v):

@@ -564,3 +564,21 @@ def test_every_primitive_with_a_body_in_the_constructs_is_known_to_the_pass():
         for eqn in _equations(closed.jaxpr):
             if subjaxprs(eqn.params):
                 assert eqn.primitive.name in known, (name, eqn.primitive.name)
+
+
+def test_reached_unreduced_follows_a_flagged_constant_and_stops_at_a_reduction():
+    # `_zero` asks which outputs a value of the step (a constant of the traced update)
+    # reaches without a reduction: here the first output, not the psum'd second.
+    c = jnp.arange(3.0)
+
+    def f(x, k):
+        return x * c + k, k + lax.psum(x * c, AX)
+
+    closed = jax.make_jaxpr(f, axis_env=[(AX, N)])(jnp.ones(3), jnp.float32(1))
+    (n_consts,) = {len(closed.consts)}
+    assert n_consts == 1
+    reach = _dataflow.reached_unreduced
+    assert reach(closed, [True], [False, False], AX) == (True, False)
+    assert reach(closed, [False], [False, True], AX) == (True, True)
+    assert reach(closed, [False], [True, False], AX) == (True, False)
+    assert reach(closed, [False], [False, False], AX) == (False, False)
