@@ -28,7 +28,13 @@ from ._mesh import axis_spec, check_axis_size, read_axis, resolve_mesh, UNKNOWN
 from ._registry import leaf_axis, register
 from ._state import State
 from ._trace import active_axis, is_output_array, per_device_avals
-from ._tree import broadcast_prefix, is_arraylike, iter_states, path_name
+from ._tree import (
+    broadcast_prefix,
+    is_arraylike,
+    iter_states,
+    path_name,
+    prefix_mismatch,
+)
 
 
 def _has_init_state(x) -> bool:
@@ -165,7 +171,8 @@ def _kwarg_axes(name: str, prefix, value, n: int) -> list:
         axes = broadcast_prefix(prefix, value)
     except ValueError as e:
         raise ValueError(
-            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: {e}"
+            f"`init_in_axes[{name!r}]` is not a pytree prefix of the argument {name!r}: "
+            f"{prefix_mismatch(prefix, value) or e}."
         ) from None
     flat = jtu.tree_flatten_with_path(value)[0]
     return [

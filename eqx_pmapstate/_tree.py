@@ -142,6 +142,50 @@ def _is_none(x) -> bool:
     return x is None
 
 
+def prefix_mismatch(prefix, tree) -> str | None:
+    """Where `prefix` (as `broadcast_prefix` reads it) stops being a prefix of `tree`,
+    in words: "at [0][1], a tuple of 2 entries where the tree has a tuple of 3"; None
+    if it is one."""
+    found = _mismatch(prefix, tree, ())
+    if found is None:
+        return None
+    path, mine, theirs = found
+    where = jtu.keystr(path) if path else "the top"
+    return f"at {where}, {mine} where the tree has {theirs}"
+
+
+def _mismatch(prefix, tree, path: tuple):
+    if jtu.treedef_is_leaf(jtu.tree_structure(prefix, is_leaf=_is_none)):
+        return None  # an axis: it covers whatever is below
+    mine, theirs = _children(prefix) or [], _children(tree) or []
+    if _shape(prefix) != _shape(tree):
+        return path, _kind(prefix, mine), _kind(tree, theirs)
+    for (keys, p), (_, t) in zip(mine, theirs, strict=True):
+        found = _mismatch(p, t, (*path, *keys))
+        if found is not None:
+            return found
+    return None
+
+
+def _shape(x):
+    """`x`'s node, one level down (its type, keys or length)."""
+    return jtu.tree_structure(
+        jtu.tree_map(lambda _: 0, x, is_leaf=lambda y: y is not x)
+    )
+
+
+def _kind(x, children: list) -> str:
+    if isinstance(x, dict):
+        return f"a dict with keys {sorted(map(str, x))}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(children)} entries"
+    if x is None:
+        return "None (no leaves)"
+    if is_arraylike(x):
+        return "an array"
+    return f"a {type(x).__name__}"
+
+
 def broadcast_prefix(prefix, tree) -> list:
     """A pytree prefix of `tree` whose leaves are axes (ints, None, or callables of a
     leaf) as one entry per leaf of `tree`. A `None` in the prefix is an axis; a `None` in

@@ -209,6 +209,30 @@ def test_in_axes_that_cannot_bind_say_which_argument_in_a_short_message():
     assert len(str(e.value)) < 300
 
 
+def test_an_in_axes_that_is_no_prefix_says_where_it_differs():
+    # As `jax.pmap` says it: the path, and what each side has there (JAX's own words,
+    # "Tuple arity mismatch: 3 != 2", said neither).
+    x = jnp.ones((N, 2))
+    f = ep.pmap2(lambda a, b: a[0] + a[1] + b, in_axes=((0, 0), 0))
+    with pytest.raises(
+        ValueError,
+        match=r"at \[0\], a tuple of 2 entries where the tree has a tuple of 3",
+    ):
+        f((x, x, x), x)
+    g = ep.pmap2(lambda a: a["p"][0], in_axes=({"p": ({"w": 0}, None)},))
+    with pytest.raises(
+        ValueError,
+        match=r"at \[0\]\['p'\]\[0\], a dict with keys \['w'\] where the tree has an array",
+    ):
+        g({"p": (x, x)})
+    with pytest.raises(ValueError, match=r"of the argument 'key': at \['a'\], a tuple"):
+        ep.pmap2_new_states(
+            lambda key: ep.ShortTermState(key["a"][0]),
+            {"key": {"a": (x, x)}},
+            init_in_axes={"key": {"a": (0, 0, 0)}},
+        )
+
+
 # --------------------------------------------------------------------------- peers' list
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from .._assign import assign_axis, normalize_out_axes
 from .._filters import OutAxes
 from .._layout import DEFAULT
-from .._tree import broadcast_prefix, iter_states
+from .._tree import broadcast_prefix, iter_states, prefix_mismatch
 
 
 class StateAxes:
@@ -93,8 +93,9 @@ def prefix_axes(prefix, tree, what: str) -> list:
                 out.extend([axes] * len(jtu.tree_leaves(sub)))
         return out
     except ValueError as e:
-        # JAX's message goes on with the whole tree's repr: keep its first clause.
-        reason = str(e).split(";")[0][:160]
+        # JAX's message goes on with the whole tree's repr: say where, or keep its
+        # first clause.
+        reason = prefix_mismatch(prefix, tree) or str(e).split(";")[0][:160]
         raise ValueError(
             f"`{what}` is not a pytree prefix of the tree it applies to: {reason}."
         ) from None
