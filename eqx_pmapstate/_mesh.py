@@ -23,6 +23,12 @@ def _clear_meshes() -> None:
 register_store("meshes", _clear_meshes)
 
 
+def manual_axes() -> tuple:
+    """The mesh axes a caller maps over by hand where this runs (inside `jax.shard_map`
+    or `jax.pmap`): empty outside them."""
+    return tuple(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+
+
 def check_axis_size(axis_size, what: str = "axis_size") -> None:
     if isinstance(axis_size, bool) or not isinstance(axis_size, (int, np.integer)):
         raise TypeError(

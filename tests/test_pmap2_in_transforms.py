@@ -133,3 +133,21 @@ def test_closing_over_a_tracer_of_an_enclosing_transformation(out_axes):
         np.asarray(jax.vmap(pmap_of)(jnp.arange(3.0))),
     )
     assert float(jax.jit(ours_of)(2.0)) == 56.0
+
+
+def test_a_call_inside_shard_map_or_jax_pmap_is_refused_with_a_sentence():
+    # There each device runs the body alone: `pmap2` cannot map over the devices again
+    # (JAX said "Primitive mul requires varying manual axes to match").
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("k",))
+    double = ep.pmap2(lambda u: u * 2, in_axes=0)
+    inside = jax.shard_map(
+        lambda v: double(v), mesh=mesh, in_specs=P("k"), out_specs=P("k")
+    )
+    with pytest.raises(
+        ValueError, match=r"inside `jax.shard_map` or `jax.pmap`.*\['k'\]"
+    ):
+        jax.jit(inside)(np.ones((64, 2), np.float32))
+    with pytest.raises(ValueError, match=r"collectives over 'p'"):
+        jax.pmap(lambda v: double(v), axis_name="p")(np.ones((8, 8, 2), np.float32))
+    out = double(np.ones((8, 2), np.float32))  # outside: as before
+    np.testing.assert_array_equal(np.asarray(out), np.full((8, 2), 2.0))

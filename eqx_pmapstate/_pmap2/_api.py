@@ -17,7 +17,7 @@ from .._explain import CompileLog, leaf_names
 from .._jax_compat import trace_context, Tracer
 from .._keys import KeyedWalk
 from .._layout import CheckMode, DEFAULT, step_layout
-from .._mesh import resolve_mesh
+from .._mesh import manual_axes, resolve_mesh
 from .._program import tracing_allowed
 from .._trace import active_axis
 from .._tree import is_arraylike
@@ -197,6 +197,15 @@ class Pmap2:
                 "mapping over devices (another `pmap2` step, a `Map` call or an "
                 "initialisation). Inside it you are already on one device: call the "
                 "function it wraps directly, and use collectives over the axis."
+            )
+        manual = manual_axes()
+        if manual:
+            raise ValueError(
+                "A `pmap2` function was called inside `jax.shard_map` or `jax.pmap`, "
+                f"which map over the mesh axes {list(manual)} by hand: there the call "
+                "runs on one device, and `pmap2` cannot map over the devices again. Call "
+                "it outside, or call the function it wraps directly and use collectives "
+                f"over {manual[0]!r}."
             )
         walk = KeyedWalk()
         key = self._key(walk, leaves, sig)
