@@ -653,6 +653,23 @@ def test_lower_and_compile_ahead_of_time(leaks):
         compiled(w, jnp.ones((N, 3)))
 
 
+def test_a_compiled_program_names_the_argument_it_was_not_lowered_for():
+    f = ep.pmap2(lambda a, scale, b: a * scale + b["w"])
+    x = _per_device(jnp.ones(3))
+    compiled = f.lower(x, 2.0, {"w": x}).compile()
+    with pytest.raises(
+        TypeError,
+        match=r"args\[2\]\['w'\] .* it was float32\[8,3\] .*, it is bfloat16\[8,3\]",
+    ):
+        compiled(x, 2.0, {"w": x.astype(jnp.bfloat16)})
+    with pytest.raises(
+        TypeError, match=r"args\[1\] .* it was the float 2.0, it is the int 2"
+    ):
+        compiled(x, 2, {"w": x})
+    with pytest.raises(TypeError, match=r"lowered for 3 leaves, called with 4"):
+        compiled(x, 2.0, {"w": x, "v": x})
+
+
 def test_a_program_compiled_ahead_of_time_runs_as_the_function_does():
     # One call path: the axis name and the donation checks travel with the program.
     drift = ep.pmap2(

@@ -114,15 +114,52 @@ class CompiledCall:
 
     def __call__(self, *args, **kwargs):
         low = self._lowered
-        leaves, treedef = jtu.tree_flatten(low._tree(args, kwargs))
-        if treedef != low._treedef or signature(leaves) != low._signature:
+        tree = low._tree(args, kwargs)
+        leaves, treedef = jtu.tree_flatten(tree)
+        if treedef != low._treedef:
             raise TypeError(
-                "The arguments do not match those this program was lowered for (tree "
-                "structure, shapes, dtypes and layouts). Lower it again for them."
+                "The arguments do not match those this program was lowered for: their "
+                f"tree structure differs ({_leaf_count(low._treedef, treedef)}). Lower "
+                "it again for them."
             )
+        sig = signature(leaves)
+        if sig != low._signature:
+            raise TypeError(_other_leaf(tree, low._signature, sig))
         return run_entry(
             low._entry, low._entry.dyn_of(leaves), self.executable, exact=True
         )
+
+
+def _leaf_count(lowered, called) -> str:
+    return (
+        f"lowered for {lowered.num_leaves} leaves, called with {called.num_leaves}"
+        if lowered.num_leaves != called.num_leaves
+        else "the same number of leaves, in other containers"
+    )
+
+
+def _other_leaf(tree, lowered: tuple, called: tuple) -> str:
+    """The message for a call of a `CompiledCall` whose leaf differs from the one the
+    program was lowered for: the first such leaf, named, and both descriptions."""
+    flat = jtu.tree_flatten_with_path(tree)[0]
+    i = next(i for i, (a, b) in enumerate(zip(lowered, called)) if a != b)
+    return (
+        f"The argument {where(flat[i][0], tree)} does not match the one this program "
+        f"was lowered for: it was {_shown(lowered[i])}, it is {_shown(called[i])}. "
+        "Lower it again for these arguments."
+    )
+
+
+def _shown(sig) -> str:
+    """A leaf's signature (see `_inputs.signature`) in words."""
+    if isinstance(sig, tuple) and len(sig) == 2 and hasattr(sig[0], "str_short"):
+        aval, sharding = sig
+        return f"{aval.str_short()} laid out as {getattr(sharding, 'spec', sharding)}"
+    if isinstance(sig, tuple) and len(sig) >= 2 and isinstance(sig[0], type):
+        return f"the {sig[0].__name__} {sig[1]!r}"  # a static leaf (`plain_key`)
+    if isinstance(sig, tuple) and len(sig) == 3 and sig[2] is None:
+        return f"a NumPy array of shape {sig[0]} and dtype {sig[1]}"
+    return str(sig)
 
 
 def run_entry(entry: Entry, dyn: Sequence, program: Callable, exact: bool = False):
